@@ -1,0 +1,980 @@
+/*-------------------------------------------------------------------------
+ *
+ * consume.c
+ *	  The consumer side: claim_batch and ack.
+ *
+ * A lane's cursor is a snapshot S_c (everything visible in it is consumed),
+ * an optional target snapshot S_t and a position (txid, id) inside the
+ * window S_t - S_c.  The window holds the events of transactions visible in
+ * S_t but not in S_c: those in S_c's in-progress list plus those in the xid
+ * band [xmax(S_c), xmax(S_t)).  Inside a window events are handed out in
+ * (txid, id) order; when a window is used up, S_t becomes the new S_c.  So a
+ * transaction that took a low xid and commits late is found through S_c's
+ * in-progress list instead of being skipped, and a long open transaction
+ * only costs one index probe per claim.
+ *
+ * A claim writes one batch row per lane it took events from and updates
+ * the lane's cursor: a constant number of rows whatever the batch size.
+ * Failed, expired and delayed events get per-event rows in
+ * eventbox.retries; they are served before new events.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "eventbox.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/datum.h"
+#include "utils/fmgrprotos.h"
+#include "utils/timestamp.h"
+#include "utils/xid8.h"
+
+PG_FUNCTION_INFO_V1(claim_batch);
+PG_FUNCTION_INFO_V1(ack);
+PG_FUNCTION_INFO_V1(ack_array);
+
+/* A subscription as the consumer functions need it. */
+typedef struct ConsumeSub
+{
+	int32		sub_id;
+	char	   *name;
+	char	   *mode;
+	Datum		type_regex;		/* text, or 0 when every type matches */
+	int32		lanes;
+	bool		ordered;
+	Interval   *lease;
+	bool		paused;
+} ConsumeSub;
+
+/* The state of one claim_batch call. */
+typedef struct ClaimState
+{
+	ConsumeSub *sub;
+	int			want;			/* events still wanted */
+	ReturnSetInfo *rsinfo;
+	pg_uuid_t	lease;
+	TimestampTz now;
+	TimestampTz leased_until;
+	MemoryContext ctx;			/* outlives SPI: the caller's context */
+	/* the current lane's batch */
+	int64	   *ids;
+	int			nids;
+	int			retry_count;
+} ClaimState;
+
+/* Columns of the log queries, in this order. */
+#define LOG_COLUMNS \
+	"id, txid, event_id, event_type, aggregate_type, aggregate_id, payload," \
+	" headers, occurred_at, deliver_at"
+enum
+{
+	LC_ID = 1, LC_TXID, LC_EVENT_ID, LC_TYPE, LC_ATYPE, LC_AID, LC_PAYLOAD,
+	LC_HEADERS, LC_OCCURRED, LC_DELIVER
+};
+
+/* Filters shared by the window queries; $5 regex, $6 lanes, $7 lane. */
+#define WINDOW_FILTER \
+	" AND pg_catalog.pg_visible_in_snapshot(txid, $4)" \
+	" AND ($5::text IS NULL OR event_type OPERATOR(pg_catalog.~) $5)" \
+	" AND ($6 = 1 OR eventbox._lane(aggregate_type, aggregate_id, id, $6) = $7)" \
+	" ORDER BY txid, id LIMIT $8"
+
+static SPIPlanPtr plan_sub = NULL;
+static SPIPlanPtr plan_expire = NULL;
+static SPIPlanPtr plan_lock = NULL;
+static SPIPlanPtr plan_lock_skip = NULL;
+static SPIPlanPtr plan_busy = NULL;
+static SPIPlanPtr plan_retry_any = NULL;
+static SPIPlanPtr plan_retry_lane = NULL;
+static SPIPlanPtr plan_retry_take = NULL;
+static SPIPlanPtr plan_events = NULL;
+static SPIPlanPtr plan_xip = NULL;
+static SPIPlanPtr plan_band = NULL;
+static SPIPlanPtr plan_snapshot = NULL;
+static SPIPlanPtr plan_delay = NULL;
+static SPIPlanPtr plan_batch = NULL;
+static SPIPlanPtr plan_cursor = NULL;
+static SPIPlanPtr plan_ack_find = NULL;
+static SPIPlanPtr plan_ack_delete = NULL;
+static SPIPlanPtr plan_ack_update = NULL;
+static SPIPlanPtr plan_ack_retries = NULL;
+
+/*
+ * consume_exec runs a kept plan and checks its result code.
+ */
+static void
+consume_exec(SPIPlanPtr plan, Datum *values, const char *nulls, int expected,
+			 const char *what)
+{
+	int			rc = SPI_execute_plan(plan, values, nulls, false, 0);
+
+	if (rc != expected)
+		elog(ERROR, "eventbox: %s failed: %s", what, SPI_result_code_string(rc));
+}
+
+static Datum
+consume_col(int row, int col, bool *isnull)
+{
+	return SPI_getbinval(SPI_tuptable->vals[row], SPI_tuptable->tupdesc, col, isnull);
+}
+
+/*
+ * consume_sub looks up a subscription by name; NULL means the setting
+ * eventbox.subscription.  The result is allocated in ctx.
+ */
+static ConsumeSub *
+consume_sub(text *name, MemoryContext ctx)
+{
+	ConsumeSub *sub;
+	Datum		value;
+	bool		isnull;
+	MemoryContext old;
+
+	if (name == NULL)
+	{
+		if (eventbox_subscription == NULL || eventbox_subscription[0] == '\0')
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("no subscription given"),
+					 errhint("Pass the subscription argument or SET eventbox.subscription.")));
+		name = cstring_to_text(eventbox_subscription);
+	}
+
+	if (plan_sub == NULL)
+	{
+		Oid			types[1] = {TEXTOID};
+
+		plan_sub = EventboxPreparePlan(
+									   "SELECT sub_id, name, mode, type_regex, lanes,"
+									   " ordering = 'aggregate', lease, paused"
+									   " FROM eventbox.subscriptions WHERE name = $1",
+									   1, types);
+	}
+	value = PointerGetDatum(name);
+	consume_exec(plan_sub, &value, NULL, SPI_OK_SELECT, "subscription lookup");
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("subscription \"%s\" does not exist", text_to_cstring(name))));
+
+	old = MemoryContextSwitchTo(ctx);
+	sub = palloc0(sizeof(ConsumeSub));
+	sub->sub_id = DatumGetInt32(consume_col(0, 1, &isnull));
+	sub->name = TextDatumGetCString(consume_col(0, 2, &isnull));
+	sub->mode = TextDatumGetCString(consume_col(0, 3, &isnull));
+	value = consume_col(0, 4, &isnull);
+	sub->type_regex = isnull ? (Datum) 0 : datumCopy(value, false, -1);
+	sub->lanes = DatumGetInt32(consume_col(0, 5, &isnull));
+	sub->ordered = DatumGetBool(consume_col(0, 6, &isnull));
+	sub->lease = DatumGetIntervalP(datumCopy(consume_col(0, 7, &isnull), false,
+											 sizeof(Interval)));
+	sub->paused = DatumGetBool(consume_col(0, 8, &isnull));
+	MemoryContextSwitchTo(old);
+	return sub;
+}
+
+/*
+ * claim_emit appends one delivery to the result and the event to the
+ * lane's batch.  row is a row of the current SPI result in LOG_COLUMNS
+ * order.
+ */
+static void
+claim_emit(ClaimState *st, int row, int attempt)
+{
+	Datum		values[12];
+	bool		nulls[12];
+	int			cols[8] = {LC_ID, LC_EVENT_ID, LC_TYPE, LC_ATYPE, LC_AID,
+	LC_PAYLOAD, LC_HEADERS, LC_OCCURRED};
+	int			i;
+
+	for (i = 0; i < 8; i++)
+		values[i] = consume_col(row, cols[i], &nulls[i]);
+	values[8] = CStringGetTextDatum(st->sub->name);
+	nulls[8] = false;
+	values[9] = Int32GetDatum(attempt);
+	nulls[9] = false;
+	values[10] = UUIDPGetDatum(&st->lease);
+	nulls[10] = false;
+	values[11] = TimestampTzGetDatum(st->leased_until);
+	nulls[11] = false;
+	tuplestore_putvalues(st->rsinfo->setResult, st->rsinfo->setDesc, values, nulls);
+
+	st->ids[st->nids++] = DatumGetInt64(values[0]);
+	st->want--;
+}
+
+/*
+ * claim_retries_unordered leases due retries of an unordered subscription,
+ * oldest due first, skipping rows other claims hold.
+ */
+static void
+claim_retries_unordered(ClaimState *st)
+{
+	Datum		values[3];
+	int64	   *rids;
+	int32	   *attempts;
+	int			n;
+	int			i;
+	ArrayType  *arr;
+	Datum		arg;
+	Datum	   *elems;
+
+	if (plan_retry_any == NULL)
+	{
+		Oid			types[3] = {INT4OID, INT4OID, TIMESTAMPTZOID};
+
+		plan_retry_any = EventboxPreparePlan(
+											 "UPDATE eventbox.retries r SET next_attempt_at = 'infinity',"
+											 " attempts = r.attempts + 1, updated_at = $3"
+											 " FROM (SELECT id FROM eventbox.retries"
+											 "       WHERE sub_id = $1 AND next_attempt_at <= $3"
+											 "       ORDER BY next_attempt_at, id LIMIT $2"
+											 "       FOR UPDATE SKIP LOCKED) d"
+											 " WHERE r.sub_id = $1 AND r.id = d.id"
+											 " RETURNING r.id, r.attempts",
+											 3, types);
+	}
+	values[0] = Int32GetDatum(st->sub->sub_id);
+	values[1] = Int32GetDatum(st->want);
+	values[2] = TimestampTzGetDatum(st->now);
+	consume_exec(plan_retry_any, values, NULL, SPI_OK_UPDATE_RETURNING, "retry lease");
+	n = (int) SPI_processed;
+	if (n == 0)
+		return;
+
+	rids = palloc(sizeof(int64) * n);
+	attempts = palloc(sizeof(int32) * n);
+	elems = palloc(sizeof(Datum) * n);
+	for (i = 0; i < n; i++)
+	{
+		bool		isnull;
+
+		rids[i] = DatumGetInt64(consume_col(i, 1, &isnull));
+		attempts[i] = DatumGetInt32(consume_col(i, 2, &isnull));
+		elems[i] = Int64GetDatum(rids[i]);
+	}
+
+	arr = construct_array(elems, n, INT8OID, 8, true, TYPALIGN_DOUBLE);
+	arg = PointerGetDatum(arr);
+	consume_exec(plan_events, &arg, NULL, SPI_OK_SELECT, "event fetch");
+	for (i = 0; i < (int) SPI_processed; i++)
+	{
+		bool		isnull;
+		int64		id = DatumGetInt64(consume_col(i, LC_ID, &isnull));
+		int			j;
+
+		for (j = 0; j < n; j++)
+			if (rids[j] == id)
+				break;
+		claim_emit(st, i, j < n ? attempts[j] : 1);
+		st->retry_count++;
+	}
+}
+
+/*
+ * claim_retries_lane leases the due head of an ordered lane's retries: the
+ * retries in order up to the first one that is not yet due.  Returns true
+ * if the lane still has retries waiting, in which case no new events may be
+ * taken from it.
+ */
+static bool
+claim_retries_lane(ClaimState *st, int lane)
+{
+	Datum		values[3];
+	int			n;
+	int			take = 0;
+	Datum	   *elems;
+	int			i;
+	ArrayType  *arr;
+	int64	   *rids;
+	int32	   *attempts;
+
+	values[0] = Int32GetDatum(st->sub->sub_id);
+	values[1] = Int32GetDatum(lane);
+	values[2] = TimestampTzGetDatum(st->now);
+	consume_exec(plan_retry_lane, values, NULL, SPI_OK_SELECT, "lane retries");
+	n = (int) SPI_processed;
+	if (n == 0)
+		return false;
+
+	elems = palloc(sizeof(Datum) * n);
+	for (i = 0; i < n && take < st->want; i++)
+	{
+		bool		isnull;
+
+		if (!DatumGetBool(consume_col(i, 2, &isnull)))
+			break;
+		elems[take++] = consume_col(i, 1, &isnull);
+	}
+	if (take == 0)
+		return true;
+
+	arr = construct_array(elems, take, INT8OID, 8, true, TYPALIGN_DOUBLE);
+	values[1] = PointerGetDatum(arr);
+	consume_exec(plan_retry_take, values, NULL, SPI_OK_UPDATE_RETURNING, "retry lease");
+
+	rids = palloc(sizeof(int64) * take);
+	attempts = palloc(sizeof(int32) * take);
+	for (i = 0; i < (int) SPI_processed; i++)
+	{
+		bool		isnull;
+
+		rids[i] = DatumGetInt64(consume_col(i, 1, &isnull));
+		attempts[i] = DatumGetInt32(consume_col(i, 2, &isnull));
+	}
+
+	values[0] = PointerGetDatum(arr);
+	consume_exec(plan_events, values, NULL, SPI_OK_SELECT, "event fetch");
+	for (i = 0; i < (int) SPI_processed; i++)
+	{
+		bool		isnull;
+		int64		id = DatumGetInt64(consume_col(i, LC_ID, &isnull));
+		int			j;
+
+		for (j = 0; j < take; j++)
+			if (rids[j] == id)
+				break;
+		claim_emit(st, i, j < take ? attempts[j] : 1);
+		st->retry_count++;
+	}
+	return take < n;
+}
+
+/*
+ * claim_window scans one query of the current window (plan_xip or
+ * plan_band) for up to `limit` events after the position, emitting them
+ * and moving the position.  An event whose deliver_at lies ahead becomes a
+ * delayed retry instead; in an ordered lane it also stops the lane, since
+ * nothing behind it may overtake it.  Returns the number of rows the query
+ * returned; *stopped tells whether the lane was stopped.
+ */
+static int
+claim_window(ClaimState *st, SPIPlanPtr plan, Datum *args, int lane,
+			 Datum *pos_txid, Datum *pos_id, bool *stopped)
+{
+	int			n;
+	int			i;
+
+	consume_exec(plan, args, st->sub->type_regex ? NULL : "    n   ",
+				 SPI_OK_SELECT, "window scan");
+	n = (int) SPI_processed;
+	for (i = 0; i < n; i++)
+	{
+		bool		isnull;
+		Datum		deliver_at = consume_col(i, LC_DELIVER, &isnull);
+
+		*pos_txid = consume_col(i, LC_TXID, &isnull);
+		*pos_id = consume_col(i, LC_ID, &isnull);
+
+		if (!isnull && DatumGetTimestampTz(deliver_at) > st->now)
+		{
+			Datum		dvalues[5];
+			SPITupleTable *saved = SPI_tuptable;
+			uint64		saved_n = SPI_processed;
+
+			dvalues[0] = Int32GetDatum(st->sub->sub_id);
+			dvalues[1] = *pos_id;
+			dvalues[2] = *pos_txid;
+			dvalues[3] = Int32GetDatum(lane);
+			dvalues[4] = deliver_at;
+			consume_exec(plan_delay, dvalues, NULL, SPI_OK_INSERT, "delayed event");
+			SPI_tuptable = saved;
+			SPI_processed = saved_n;
+			if (st->sub->ordered)
+			{
+				*stopped = true;
+				return n;
+			}
+			continue;
+		}
+		claim_emit(st, i, 1);
+	}
+	return n;
+}
+
+/*
+ * consume_snapshot_equal compares two pg_snapshot values byte by byte, after
+ * bringing both to the same (4-byte) varlena header.
+ */
+static bool
+consume_snapshot_equal(Datum a, Datum b)
+{
+	struct varlena *x = pg_detoast_datum((struct varlena *) DatumGetPointer(a));
+	struct varlena *y = pg_detoast_datum((struct varlena *) DatumGetPointer(b));
+
+	return VARSIZE(x) == VARSIZE(y) && memcmp(x, y, VARSIZE(x)) == 0;
+}
+
+/*
+ * claim_lane takes events from one lane: its due retries first, then new
+ * events from its cursor's windows.  The caller holds the cursor row lock.
+ */
+static void
+claim_lane(ClaimState *st, int lane, HeapTuple cursor, TupleDesc cdesc)
+{
+	bool		isnull;
+	Datum		snap;
+	Datum		target;
+	Datum		pos_txid;
+	Datum		pos_id;
+	bool		target_null;
+	bool		moved = false;
+	bool		stopped = false;
+	int			windows = 0;
+	MemoryContext old;
+
+	/* copy the cursor out of SPI's memory: later queries reuse it */
+	old = MemoryContextSwitchTo(st->ctx);
+	snap = datumCopy(SPI_getbinval(cursor, cdesc, 1, &isnull), false, -1);
+	target = SPI_getbinval(cursor, cdesc, 2, &target_null);
+	if (!target_null)
+		target = datumCopy(target, false, -1);
+	pos_txid = SPI_getbinval(cursor, cdesc, 3, &isnull);
+	pos_id = SPI_getbinval(cursor, cdesc, 4, &isnull);
+	MemoryContextSwitchTo(old);
+
+	st->nids = 0;
+	st->retry_count = 0;
+
+	if (st->sub->ordered)
+		stopped = claim_retries_lane(st, lane);
+	else
+		claim_retries_unordered(st);
+
+	while (!stopped && st->want > 0 && windows < 4)
+	{
+		Datum		args[8];
+		int			limit;
+		int			got;
+
+		CHECK_FOR_INTERRUPTS();
+
+		if (target_null)
+		{
+			consume_exec(plan_snapshot, NULL, NULL, SPI_OK_SELECT, "snapshot");
+			old = MemoryContextSwitchTo(st->ctx);
+			target = datumCopy(consume_col(0, 1, &isnull), false, -1);
+			MemoryContextSwitchTo(old);
+			target_null = false;
+			if (consume_snapshot_equal(snap, target))
+			{
+				/* nothing has committed since the window began */
+				target_null = true;
+				break;
+			}
+			moved = true;
+		}
+
+		limit = st->want;
+		args[0] = snap;
+		args[1] = pos_txid;
+		args[2] = pos_id;
+		args[3] = target;
+		args[4] = st->sub->type_regex;
+		args[5] = Int32GetDatum(st->sub->lanes);
+		args[6] = Int32GetDatum(lane);
+		args[7] = Int64GetDatum(limit);
+
+		got = claim_window(st, plan_xip, args, lane, &pos_txid, &pos_id, &stopped);
+		if (!stopped && got < limit)
+		{
+			args[1] = pos_txid;
+			args[2] = pos_id;
+			args[7] = Int64GetDatum(limit - got);
+			got += claim_window(st, plan_band, args, lane, &pos_txid, &pos_id, &stopped);
+		}
+		if (got > 0)
+			moved = true;
+		if (stopped || got == limit)
+			continue;			/* the loop ends or re-reads this window */
+
+		/* the window is used up: its target becomes the cursor snapshot */
+		snap = target;
+		target_null = true;
+		pos_txid = FullTransactionIdGetDatum(FullTransactionIdFromU64(0));
+		pos_id = Int64GetDatum(0);
+		windows++;
+	}
+
+	if (st->nids > 0)
+	{
+		Datum		values[7];
+		Datum	   *elems = palloc(sizeof(Datum) * st->nids);
+		int			i;
+
+		for (i = 0; i < st->nids; i++)
+			elems[i] = Int64GetDatum(st->ids[i]);
+		values[0] = Int32GetDatum(st->sub->sub_id);
+		values[1] = Int32GetDatum(lane);
+		values[2] = UUIDPGetDatum(&st->lease);
+		values[3] = PointerGetDatum(construct_array(elems, st->nids, INT8OID, 8,
+													true, TYPALIGN_DOUBLE));
+		values[4] = Int32GetDatum(st->retry_count);
+		values[5] = TimestampTzGetDatum(st->now);
+		values[6] = TimestampTzGetDatum(st->leased_until);
+		consume_exec(plan_batch, values, NULL, SPI_OK_INSERT, "batch insert");
+	}
+
+	if (moved || st->nids > 0)
+	{
+		Datum		values[8];
+		char		nulls[8] = "        ";
+
+		values[0] = Int32GetDatum(st->sub->sub_id);
+		values[1] = Int32GetDatum(lane);
+		values[2] = snap;
+		values[3] = target;
+		nulls[3] = target_null ? 'n' : ' ';
+		values[4] = pos_txid;
+		values[5] = pos_id;
+		values[6] = Int64GetDatum(st->nids);
+		values[7] = TimestampTzGetDatum(st->now);
+		consume_exec(plan_cursor, values, nulls, SPI_OK_UPDATE, "cursor update");
+	}
+}
+
+/*
+ * consume_prepare_claim_plans prepares the statements of claim_batch once
+ * per backend.
+ */
+static void
+consume_prepare_claim_plans(void)
+{
+	Oid			t_sub_lane[2] = {INT4OID, INT4OID};
+	Oid			t_window[8] = {PG_SNAPSHOTOID, XID8OID, INT8OID, PG_SNAPSHOTOID,
+	TEXTOID, INT4OID, INT4OID, INT8OID};
+
+	if (plan_cursor != NULL)
+		return;
+
+	{
+		Oid			types[2] = {INT4OID, TIMESTAMPTZOID};
+
+		plan_expire = EventboxPreparePlan(
+										  "SELECT eventbox._expire_leases($1, $2)"
+										  " WHERE EXISTS (SELECT FROM eventbox.batches"
+										  "               WHERE sub_id = $1 AND leased_until < $2)",
+										  2, types);
+	}
+	plan_lock = EventboxPreparePlan(
+									"SELECT snap, target, pos_txid, pos_id FROM eventbox.cursors"
+									" WHERE sub_id = $1 AND lane = $2 FOR UPDATE",
+									2, t_sub_lane);
+	plan_lock_skip = EventboxPreparePlan(
+										 "SELECT snap, target, pos_txid, pos_id FROM eventbox.cursors"
+										 " WHERE sub_id = $1 AND lane = $2 FOR UPDATE SKIP LOCKED",
+										 2, t_sub_lane);
+	plan_busy = EventboxPreparePlan(
+									"SELECT FROM eventbox.batches WHERE sub_id = $1 AND lane = $2 LIMIT 1",
+									2, t_sub_lane);
+	{
+		Oid			types[3] = {INT4OID, INT4OID, TIMESTAMPTZOID};
+
+		plan_retry_lane = EventboxPreparePlan(
+											  "SELECT id, next_attempt_at <= $3 FROM eventbox.retries"
+											  " WHERE sub_id = $1 AND lane = $2 ORDER BY txid, id",
+											  3, types);
+	}
+	{
+		Oid			types[3] = {INT4OID, INT8ARRAYOID, TIMESTAMPTZOID};
+
+		plan_retry_take = EventboxPreparePlan(
+											  "UPDATE eventbox.retries SET next_attempt_at = 'infinity',"
+											  " attempts = attempts + 1, updated_at = $3"
+											  " WHERE sub_id = $1 AND id = ANY($2)"
+											  " RETURNING id, attempts",
+											  3, types);
+	}
+	{
+		Oid			types[1] = {INT8ARRAYOID};
+
+		plan_events = EventboxPreparePlan(
+										  "SELECT " LOG_COLUMNS " FROM eventbox.log"
+										  " WHERE id = ANY($1) ORDER BY txid, id",
+										  1, types);
+	}
+	plan_xip = EventboxPreparePlan(
+								   "SELECT " LOG_COLUMNS " FROM eventbox.log"
+								   " WHERE txid = ANY(ARRAY(SELECT pg_catalog.pg_snapshot_xip($1)))"
+								   " AND (txid, id) > ($2, $3)"
+								   WINDOW_FILTER,
+								   8, t_window);
+	plan_band = EventboxPreparePlan(
+									"SELECT " LOG_COLUMNS " FROM eventbox.log"
+									" WHERE txid >= pg_catalog.pg_snapshot_xmax($1)"
+									" AND txid < pg_catalog.pg_snapshot_xmax($4)"
+									" AND (txid, id) > ($2, $3)"
+									WINDOW_FILTER,
+									8, t_window);
+	plan_snapshot = EventboxPreparePlan("SELECT pg_catalog.pg_current_snapshot()",
+										0, NULL);
+	{
+		Oid			types[5] = {INT4OID, INT8OID, XID8OID, INT4OID, TIMESTAMPTZOID};
+
+		plan_delay = EventboxPreparePlan(
+										 "INSERT INTO eventbox.retries"
+										 " (sub_id, id, txid, lane, attempts, next_attempt_at, reason)"
+										 " VALUES ($1, $2, $3, $4, 0, $5, 'delayed')"
+										 " ON CONFLICT (sub_id, id) DO NOTHING",
+										 5, types);
+	}
+	{
+		Oid			types[7] = {INT4OID, INT4OID, UUIDOID, INT8ARRAYOID, INT4OID,
+		TIMESTAMPTZOID, TIMESTAMPTZOID};
+
+		plan_batch = EventboxPreparePlan(
+										 "INSERT INTO eventbox.batches"
+										 " (sub_id, lane, lease, ids, retry_count, claimed_at, leased_until)"
+										 " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+										 7, types);
+	}
+	{
+		Oid			types[8] = {INT4OID, INT4OID, PG_SNAPSHOTOID, PG_SNAPSHOTOID,
+		XID8OID, INT8OID, INT8OID, TIMESTAMPTZOID};
+
+		plan_cursor = EventboxPreparePlan(
+										  "UPDATE eventbox.cursors SET snap = $3, target = $4,"
+										  " pos_txid = $5, pos_id = $6, delivered = delivered + $7,"
+										  " updated_at = $8"
+										  " WHERE sub_id = $1 AND lane = $2",
+										  8, types);
+	}
+}
+
+/*
+ * claim_batch(n, subscription, lease) leases up to n due events of a pull
+ * subscription and returns them as eventbox.delivery rows.
+ */
+Datum
+claim_batch(PG_FUNCTION_ARGS)
+{
+	ClaimState	st;
+	int32		n;
+	Interval   *lease = NULL;
+	int			lane;
+	int			first = 0;
+	int			i;
+	uint32		r;
+
+	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("n must not be null")));
+	n = PG_GETARG_INT32(0);
+	if (n <= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("n must be positive, got %d", n)));
+	if (n > eventbox_max_claim_size)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("n must be at most %d, got %d", eventbox_max_claim_size, n),
+				 errhint("Claim in smaller batches or raise eventbox.max_claim_size.")));
+	if (!PG_ARGISNULL(2))
+	{
+		Interval	zero;
+
+		lease = PG_GETARG_INTERVAL_P(2);
+		memset(&zero, 0, sizeof(zero));
+		if (DatumGetInt32(DirectFunctionCall2(interval_cmp, IntervalPGetDatum(lease),
+											  IntervalPGetDatum(&zero))) <= 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("lease must be positive")));
+	}
+
+	memset(&st, 0, sizeof(st));
+	st.ctx = CurrentMemoryContext;
+	st.rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	st.want = n;
+	st.ids = palloc(sizeof(int64) * n);
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "eventbox: SPI_connect failed");
+	consume_prepare_claim_plans();
+
+	st.sub = consume_sub(PG_ARGISNULL(1) ? NULL : PG_GETARG_TEXT_PP(1), st.ctx);
+	if (strcmp(st.sub->mode, "pull") != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
+				 errmsg("cannot claim from %s subscription \"%s\"",
+						st.sub->mode, st.sub->name),
+				 errdetail("The background worker delivers its events by notification."),
+				 errhint("LISTEN on the subscription's channel, or create a pull subscription with eventbox.subscribe().")));
+	if (st.sub->paused)
+	{
+		SPI_finish();
+		PG_RETURN_NULL();
+	}
+
+	/* leases that ran out give their events back first */
+	{
+		Datum		values[2];
+
+		values[0] = Int32GetDatum(st.sub->sub_id);
+		values[1] = TimestampTzGetDatum(GetCurrentTimestamp());
+		consume_exec(plan_expire, values, NULL, SPI_OK_SELECT, "lease expiry");
+	}
+
+	/* taken after the expiry, so that retries it made due now are seen */
+	st.now = GetCurrentTimestamp();
+	st.leased_until = DatumGetTimestampTz(
+										  DirectFunctionCall2(timestamptz_pl_interval,
+															  TimestampTzGetDatum(st.now),
+															  IntervalPGetDatum(lease ? lease : st.sub->lease)));
+	EventboxRandomBytes(&st.lease, sizeof(st.lease));
+	st.lease.data[6] = (st.lease.data[6] & 0x0F) | 0x40;	/* version 4 */
+	st.lease.data[8] = (st.lease.data[8] & 0x3F) | 0x80;	/* variant */
+
+	/* ordered subscriptions start at a random lane to spread consumers */
+	if (st.sub->lanes > 1)
+	{
+		EventboxRandomBytes(&r, sizeof(r));
+		first = (int) (r % (uint32) st.sub->lanes);
+	}
+
+	for (i = 0; i < st.sub->lanes && st.want > 0; i++)
+	{
+		Datum		values[2];
+
+		CHECK_FOR_INTERRUPTS();
+		lane = (first + i) % st.sub->lanes;
+		values[0] = Int32GetDatum(st.sub->sub_id);
+		values[1] = Int32GetDatum(lane);
+
+		/*
+		 * An unordered subscription has one cursor, and claims wait for it.
+		 * Ordered lanes are skipped while another claim holds them or while
+		 * a batch of theirs is in flight: one batch per lane at a time.
+		 */
+		consume_exec(st.sub->ordered ? plan_lock_skip : plan_lock, values, NULL,
+					 SPI_OK_SELECT, "cursor lock");
+		if (SPI_processed == 0)
+			continue;
+		{
+			HeapTuple	cursor = SPI_copytuple(SPI_tuptable->vals[0]);
+			TupleDesc	cdesc = SPI_tuptable->tupdesc;
+
+			if (st.sub->ordered)
+			{
+				consume_exec(plan_busy, values, NULL, SPI_OK_SELECT, "lane check");
+				if (SPI_processed > 0)
+					continue;
+			}
+			claim_lane(&st, lane, cursor, cdesc);
+		}
+	}
+
+	SPI_finish();
+	PG_RETURN_NULL();
+}
+
+/* qsort/bsearch comparator for int64 */
+static int
+consume_int64_cmp(const void *a, const void *b)
+{
+	int64		x = *(const int64 *) a;
+	int64		y = *(const int64 *) b;
+
+	return (x > y) - (x < y);
+}
+
+/*
+ * consume_ack removes the given event ids from the subscription's batches
+ * (only those under `lease`, when given) and returns how many it removed.
+ * A batch that becomes empty is deleted; retry rows of acked events go.
+ */
+static int
+consume_ack(text *subname, int64 *ids, int nids, Datum lease, bool lease_null)
+{
+	ConsumeSub *sub;
+	Datum		values[3];
+	char		nulls[3] = "   ";
+	Datum	   *elems;
+	int			i;
+	int			nbatches;
+	int			acked = 0;
+	SPITupleTable *batches;
+	MemoryContext ctx = CurrentMemoryContext;
+
+	/* sort and drop duplicates, so each event counts once */
+	qsort(ids, nids, sizeof(int64), consume_int64_cmp);
+	if (nids > 1)
+	{
+		int			k = 1;
+
+		for (i = 1; i < nids; i++)
+			if (ids[i] != ids[k - 1])
+				ids[k++] = ids[i];
+		nids = k;
+	}
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "eventbox: SPI_connect failed");
+	if (plan_ack_find == NULL)
+	{
+		Oid			types[3] = {INT4OID, INT8ARRAYOID, UUIDOID};
+		Oid			t_upd[3] = {INT8OID, INT8ARRAYOID, INT4OID};
+		Oid			t_del[1] = {INT8OID};
+		Oid			t_ret[2] = {INT4OID, INT8ARRAYOID};
+
+		plan_ack_find = EventboxPreparePlan(
+											"SELECT batch_id, ids, retry_count FROM eventbox.batches"
+											" WHERE sub_id = $1 AND ids OPERATOR(pg_catalog.&&) $2"
+											" AND ($3::uuid IS NULL OR lease = $3)"
+											" ORDER BY batch_id FOR UPDATE",
+											3, types);
+		plan_ack_update = EventboxPreparePlan(
+											  "UPDATE eventbox.batches SET ids = $2, retry_count = $3"
+											  " WHERE batch_id = $1",
+											  3, t_upd);
+		plan_ack_delete = EventboxPreparePlan(
+											  "DELETE FROM eventbox.batches WHERE batch_id = $1",
+											  1, t_del);
+		plan_ack_retries = EventboxPreparePlan(
+											   "DELETE FROM eventbox.retries"
+											   " WHERE sub_id = $1 AND id = ANY($2)"
+											   " AND next_attempt_at = 'infinity'",
+											   2, t_ret);
+	}
+
+	sub = consume_sub(subname, ctx);
+	if (nids == 0)
+	{
+		SPI_finish();
+		return 0;
+	}
+
+	elems = palloc(sizeof(Datum) * nids);
+	for (i = 0; i < nids; i++)
+		elems[i] = Int64GetDatum(ids[i]);
+	values[0] = Int32GetDatum(sub->sub_id);
+	values[1] = PointerGetDatum(construct_array(elems, nids, INT8OID, 8, true,
+												TYPALIGN_DOUBLE));
+	values[2] = lease;
+	nulls[2] = lease_null ? 'n' : ' ';
+	consume_exec(plan_ack_find, values, nulls, SPI_OK_SELECT, "batch lookup");
+	batches = SPI_tuptable;
+	nbatches = (int) SPI_processed;
+
+	for (i = 0; i < nbatches; i++)
+	{
+		bool		isnull;
+		Datum		batch_id = SPI_getbinval(batches->vals[i], batches->tupdesc, 1, &isnull);
+		ArrayType  *arr = DatumGetArrayTypeP(SPI_getbinval(batches->vals[i],
+														   batches->tupdesc, 2, &isnull));
+		int32		retry_count = DatumGetInt32(SPI_getbinval(batches->vals[i],
+															  batches->tupdesc, 3, &isnull));
+		Datum	   *bids;
+		int			nb;
+		int			j;
+		int			nkeep = 0;
+		int			ngone = 0;
+		Datum	   *keep;
+		Datum	   *gone;
+
+		deconstruct_array(arr, INT8OID, 8, true, TYPALIGN_DOUBLE, &bids, NULL, &nb);
+		keep = palloc(sizeof(Datum) * nb);
+		gone = palloc(sizeof(Datum) * nb);
+		for (j = 0; j < nb; j++)
+		{
+			int64		id = DatumGetInt64(bids[j]);
+
+			if (bsearch(&id, ids, nids, sizeof(int64), consume_int64_cmp))
+				gone[ngone++] = bids[j];
+			else
+				keep[nkeep++] = bids[j];
+		}
+		if (ngone == 0)
+			continue;
+		acked += ngone;
+
+		if (retry_count > 0)
+		{
+			Datum		rvalues[2];
+
+			rvalues[0] = Int32GetDatum(sub->sub_id);
+			rvalues[1] = PointerGetDatum(construct_array(gone, ngone, INT8OID, 8,
+														 true, TYPALIGN_DOUBLE));
+			consume_exec(plan_ack_retries, rvalues, NULL, SPI_OK_DELETE, "retry cleanup");
+			retry_count -= (int32) SPI_processed;
+		}
+
+		if (nkeep == 0)
+			consume_exec(plan_ack_delete, &batch_id, NULL, SPI_OK_DELETE, "batch delete");
+		else
+		{
+			Datum		uvalues[3];
+
+			uvalues[0] = batch_id;
+			uvalues[1] = PointerGetDatum(construct_array(keep, nkeep, INT8OID, 8,
+														 true, TYPALIGN_DOUBLE));
+			uvalues[2] = Int32GetDatum(Max(retry_count, 0));
+			consume_exec(plan_ack_update, uvalues, NULL, SPI_OK_UPDATE, "batch update");
+		}
+	}
+
+	SPI_finish();
+	return acked;
+}
+
+/*
+ * ack(id, subscription, lease) acknowledges one leased event.  Returns
+ * false when the event is not leased (already acked, never claimed, or
+ * leased under another token).
+ */
+Datum
+ack(PG_FUNCTION_ARGS)
+{
+	int64		id;
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("id must not be null")));
+	id = PG_GETARG_INT64(0);
+	PG_RETURN_BOOL(consume_ack(PG_ARGISNULL(1) ? NULL : PG_GETARG_TEXT_PP(1),
+							   &id, 1,
+							   PG_ARGISNULL(2) ? (Datum) 0 : PG_GETARG_DATUM(2),
+							   PG_ARGISNULL(2)) == 1);
+}
+
+/*
+ * ack(ids[], subscription, lease) acknowledges many leased events and
+ * returns how many of them were leased.  NULL elements are ignored.
+ */
+Datum
+ack_array(PG_FUNCTION_ARGS)
+{
+	ArrayType  *arr;
+	Datum	   *elems;
+	bool	   *nulls;
+	int			n;
+	int			i;
+	int			k = 0;
+	int64	   *ids;
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("ids must not be null")));
+	arr = PG_GETARG_ARRAYTYPE_P(0);
+	deconstruct_array(arr, INT8OID, 8, true, TYPALIGN_DOUBLE, &elems, &nulls, &n);
+	ids = palloc(sizeof(int64) * Max(n, 1));
+	for (i = 0; i < n; i++)
+		if (!nulls[i])
+			ids[k++] = DatumGetInt64(elems[i]);
+
+	PG_RETURN_INT32(consume_ack(PG_ARGISNULL(1) ? NULL : PG_GETARG_TEXT_PP(1),
+								ids, k,
+								PG_ARGISNULL(2) ? (Datum) 0 : PG_GETARG_DATUM(2),
+								PG_ARGISNULL(2)));
+}

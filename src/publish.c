@@ -1,0 +1,653 @@
+/*-------------------------------------------------------------------------
+ *
+ * publish.c
+ *	  The producer side: publish, publish_batch and UUIDv7 event ids.
+ *
+ * Publishing is one insert into the append-only log inside the caller's
+ * transaction, stamped with the transaction's top-level xid so that
+ * consumers can order and split the log by snapshots (see consume.c).
+ * Nothing is notified here: NOTIFY would serialize publishers at commit.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <sys/time.h>
+
+#include "access/transam.h"
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "common/hashfn.h"
+#include "eventbox.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "lib/stringinfo.h"
+#include "miscadmin.h"
+#include "storage/lock.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/fmgrprotos.h"
+#include "utils/json.h"
+#include "utils/jsonb.h"
+#include "utils/timestamp.h"
+#include "utils/xid8.h"
+
+PG_FUNCTION_INFO_V1(publish);
+PG_FUNCTION_INFO_V1(publish_batch);
+
+/* field4 of our advisory lock tags: SQL's advisory locks use 1 and 2 */
+#define EVENTBOX_DEDUPE_LOCK_FIELD4 0x4542
+
+/* One event to publish, validated. */
+typedef struct PublishEvent
+{
+	text	   *event_type;
+	Jsonb	   *payload;
+	Jsonb	   *headers;
+	text	   *aggregate_type; /* NULL if none */
+	text	   *aggregate_id;	/* NULL if none */
+	text	   *dedupe_key;		/* NULL if none */
+	bool		has_deliver_at;
+	TimestampTz deliver_at;
+} PublishEvent;
+
+static SPIPlanPtr publish_insert_plan = NULL;
+static SPIPlanPtr publish_batch_plan = NULL;
+static SPIPlanPtr publish_dedupe_plan = NULL;
+
+/*
+ * EventboxGenerateUuidV7 makes an RFC 9562 version 7 UUID: 48 bits of Unix
+ * milliseconds, then a 12-bit counter (method 1 of the RFC) so that the ids
+ * a backend makes are strictly increasing even within one millisecond, then
+ * 62 random bits.
+ */
+void
+EventboxGenerateUuidV7(pg_uuid_t *uuid)
+{
+	static uint64 last_ms = 0;
+	static uint16 counter = 0;
+	struct timeval tv;
+	uint64		ms;
+	uint8		rnd[10];
+
+	gettimeofday(&tv, NULL);
+	ms = (uint64) tv.tv_sec * 1000 + tv.tv_usec / 1000;
+	EventboxRandomBytes(rnd, sizeof(rnd));
+
+	if (ms > last_ms)
+	{
+		/* a fresh millisecond: start the counter low, leaving room to count */
+		counter = ((rnd[0] << 8) | rnd[1]) & 0x07FF;
+		last_ms = ms;
+	}
+	else
+	{
+		/* same (or a stepped back) millisecond: count on, borrowing a ms */
+		counter++;
+		if (counter > 0x0FFF)
+		{
+			counter = 0;
+			last_ms++;
+		}
+	}
+	ms = last_ms;
+
+	uuid->data[0] = (uint8) (ms >> 40);
+	uuid->data[1] = (uint8) (ms >> 32);
+	uuid->data[2] = (uint8) (ms >> 24);
+	uuid->data[3] = (uint8) (ms >> 16);
+	uuid->data[4] = (uint8) (ms >> 8);
+	uuid->data[5] = (uint8) ms;
+	uuid->data[6] = 0x70 | ((counter >> 8) & 0x0F);
+	uuid->data[7] = (uint8) counter;
+	uuid->data[8] = 0x80 | (rnd[2] & 0x3F);
+	memcpy(&uuid->data[9], &rnd[3], 7);
+}
+
+/*
+ * publish_check_object raises the error for a payload or headers value that
+ * is not a JSON object.
+ */
+static void
+publish_check_object(Jsonb *jb, const char *what)
+{
+	if (!JB_ROOT_IS_OBJECT(jb) || JB_ROOT_IS_SCALAR(jb))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must be a JSON object", what),
+				 errhint("Wrap the value in an object, for example '{\"value\": ...}'.")));
+}
+
+/*
+ * publish_check validates one event against the publishing contract
+ * (SPEC section 7).  Raising here leaves nothing written.
+ */
+static void
+publish_check(PublishEvent *ev)
+{
+	Size		payload_size;
+
+	EventboxCheckEventType(VARDATA_ANY(ev->event_type),
+						   VARSIZE_ANY_EXHDR(ev->event_type));
+
+	if ((ev->aggregate_type == NULL) != (ev->aggregate_id == NULL))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("aggregate_type and aggregate_id must be given together"),
+				 errdetail("Got %s but no %s.",
+						   ev->aggregate_type ? "aggregate_type" : "aggregate_id",
+						   ev->aggregate_type ? "aggregate_id" : "aggregate_type")));
+	if (ev->aggregate_type != NULL &&
+		(VARSIZE_ANY_EXHDR(ev->aggregate_type) == 0 ||
+		 VARSIZE_ANY_EXHDR(ev->aggregate_id) == 0))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("aggregate_type and aggregate_id must not be empty")));
+	if (ev->dedupe_key != NULL && VARSIZE_ANY_EXHDR(ev->dedupe_key) == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("dedupe_key must not be empty"),
+				 errhint("Pass NULL to publish without deduplication.")));
+
+	publish_check_object(ev->payload, "payload");
+	publish_check_object(ev->headers, "headers");
+
+	payload_size = VARSIZE(ev->payload) - VARHDRSZ;
+	if (payload_size > (Size) eventbox_max_payload_size)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("payload is too large"),
+				 errdetail("The payload has %zu bytes; eventbox.max_payload_size is %d bytes.",
+						   payload_size, eventbox_max_payload_size),
+				 errhint("Store large documents elsewhere and publish a reference to them.")));
+}
+
+/*
+ * publish_context_headers merges the request context settings
+ * (eventbox.actor, eventbox.correlation_id, eventbox.causation_id) into the
+ * headers.  Headers the caller passed explicitly win.
+ */
+static Jsonb *
+publish_context_headers(Jsonb *headers)
+{
+	const char *names[] = {"actor", "correlation_id", "causation_id"};
+	const char *values[] = {eventbox_actor, eventbox_correlation_id,
+	eventbox_causation_id};
+	StringInfoData buf;
+	bool		any = false;
+	int			i;
+	Datum		ctx;
+
+	initStringInfo(&buf);
+	appendStringInfoChar(&buf, '{');
+	for (i = 0; i < (int) lengthof(names); i++)
+	{
+		if (values[i] == NULL || values[i][0] == '\0')
+			continue;
+		if (any)
+			appendStringInfoChar(&buf, ',');
+		escape_json(&buf, names[i]);
+		appendStringInfoChar(&buf, ':');
+		escape_json(&buf, values[i]);
+		any = true;
+	}
+	if (!any)
+		return headers;
+	appendStringInfoChar(&buf, '}');
+
+	ctx = DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data));
+	return DatumGetJsonbP(DirectFunctionCall2(jsonb_concat, ctx,
+											  JsonbPGetDatum(headers)));
+}
+
+/*
+ * publish_dedupe takes the transaction-level lock of a dedupe key and
+ * returns the id of an event published with that key inside the dedupe
+ * window, or 0.  The lock makes a concurrent publisher of the same key wait
+ * until we commit or roll back; under READ COMMITTED it then sees our event.
+ */
+static int64
+publish_dedupe(text *key)
+{
+	LOCKTAG		tag;
+	Datum		values[2];
+	int			rc;
+	int64		found = 0;
+
+	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId,
+						 hash_bytes((unsigned char *) VARDATA_ANY(key),
+									VARSIZE_ANY_EXHDR(key)),
+						 0, EVENTBOX_DEDUPE_LOCK_FIELD4);
+	(void) LockAcquire(&tag, ExclusiveLock, false, false);
+
+	if (publish_dedupe_plan == NULL)
+	{
+		Oid			types[2] = {TEXTOID, INT4OID};
+
+		publish_dedupe_plan = EventboxPreparePlan(
+												  "SELECT id FROM eventbox.log"
+												  " WHERE dedupe_key = $1"
+												  " AND occurred_at >= pg_catalog.now() - pg_catalog.make_interval(secs => $2)"
+												  " ORDER BY id LIMIT 1",
+												  2, types);
+	}
+	values[0] = PointerGetDatum(key);
+	values[1] = Int32GetDatum(eventbox_dedupe_window);
+	rc = SPI_execute_plan(publish_dedupe_plan, values, NULL, false, 1);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "eventbox: dedupe lookup failed: %s", SPI_result_code_string(rc));
+	if (SPI_processed > 0)
+	{
+		bool		isnull;
+
+		found = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+											SPI_tuptable->tupdesc, 1, &isnull));
+	}
+	return found;
+}
+
+/*
+ * publish(event_type, payload, aggregate_type, aggregate_id, headers,
+ *		   dedupe_key, deliver_at) returns the new event's id.
+ */
+Datum
+publish(PG_FUNCTION_ARGS)
+{
+	PublishEvent ev;
+	pg_uuid_t  *uuid;
+	Datum		values[10];
+	char		nulls[10];
+	int64		id = 0;
+	int			rc;
+	bool		isnull;
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("event_type must not be null")));
+	memset(&ev, 0, sizeof(ev));
+	ev.event_type = PG_GETARG_TEXT_PP(0);
+	ev.payload = PG_ARGISNULL(1) ? NULL : PG_GETARG_JSONB_P(1);
+	ev.aggregate_type = PG_ARGISNULL(2) ? NULL : PG_GETARG_TEXT_PP(2);
+	ev.aggregate_id = PG_ARGISNULL(3) ? NULL : PG_GETARG_TEXT_PP(3);
+	ev.headers = PG_ARGISNULL(4) ? NULL : PG_GETARG_JSONB_P(4);
+	ev.dedupe_key = PG_ARGISNULL(5) ? NULL : PG_GETARG_TEXT_PP(5);
+	ev.has_deliver_at = !PG_ARGISNULL(6);
+	if (ev.has_deliver_at)
+		ev.deliver_at = PG_GETARG_TIMESTAMPTZ(6);
+	if (ev.payload == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("payload must not be null"),
+				 errhint("Pass '{}' for an event without payload.")));
+	if (ev.headers == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("headers must not be null"),
+				 errhint("Pass '{}' for an event without headers.")));
+	publish_check(&ev);
+	ev.headers = publish_context_headers(ev.headers);
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "eventbox: SPI_connect failed");
+
+	if (ev.dedupe_key != NULL)
+		id = publish_dedupe(ev.dedupe_key);
+
+	if (id == 0)
+	{
+		if (publish_insert_plan == NULL)
+		{
+			Oid			types[10] = {XID8OID, UUIDOID, TEXTOID, TEXTOID, TEXTOID,
+			JSONBOID, JSONBOID, TIMESTAMPTZOID, TIMESTAMPTZOID, TEXTOID};
+
+			publish_insert_plan = EventboxPreparePlan(
+													  "INSERT INTO eventbox.log (id, txid, event_id, event_type,"
+													  " aggregate_type, aggregate_id, payload, headers, occurred_at,"
+													  " deliver_at, dedupe_key)"
+													  " VALUES (pg_catalog.nextval('eventbox.log_id_seq'::pg_catalog.regclass),"
+													  " $1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
+													  10, types);
+		}
+		uuid = palloc(sizeof(pg_uuid_t));
+		EventboxGenerateUuidV7(uuid);
+		memset(nulls, ' ', sizeof(nulls));
+		values[0] = FullTransactionIdGetDatum(GetTopFullTransactionId());
+		values[1] = UUIDPGetDatum(uuid);
+		values[2] = PointerGetDatum(ev.event_type);
+		values[3] = PointerGetDatum(ev.aggregate_type);
+		nulls[3] = ev.aggregate_type ? ' ' : 'n';
+		values[4] = PointerGetDatum(ev.aggregate_id);
+		nulls[4] = ev.aggregate_id ? ' ' : 'n';
+		values[5] = JsonbPGetDatum(ev.payload);
+		values[6] = JsonbPGetDatum(ev.headers);
+		values[7] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+		values[8] = TimestampTzGetDatum(ev.deliver_at);
+		nulls[8] = ev.has_deliver_at ? ' ' : 'n';
+		values[9] = PointerGetDatum(ev.dedupe_key);
+		nulls[9] = ev.dedupe_key ? ' ' : 'n';
+
+		rc = SPI_execute_plan(publish_insert_plan, values, nulls, false, 1);
+		if (rc != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
+			elog(ERROR, "eventbox: log insert failed: %s", SPI_result_code_string(rc));
+		id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+										 SPI_tuptable->tupdesc, 1, &isnull));
+	}
+
+	SPI_finish();
+	PG_RETURN_INT64(id);
+}
+
+/*
+ * publish_batch_text returns the text of a string member of an event
+ * object, or NULL when the member is JSON null; other JSON types raise.
+ */
+static text *
+publish_batch_text(JsonbValue *v, const char *key, int index)
+{
+	if (v->type == jbvNull)
+		return NULL;
+	if (v->type != jbvString)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("\"%s\" of event %d must be a string", key, index)));
+	return cstring_to_text_with_len(v->val.string.val, v->val.string.len);
+}
+
+/*
+ * publish_batch_object returns a JSON object member of an event object as
+ * jsonb (NULL for JSON null); other JSON types raise.
+ */
+static Jsonb *
+publish_batch_object(JsonbValue *v, const char *key, int index)
+{
+	if (v->type == jbvNull)
+		return NULL;
+	if (v->type != jbvBinary || !JsonContainerIsObject(v->val.binary.data))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("\"%s\" of event %d must be a JSON object", key, index),
+				 errhint("Wrap the value in an object, for example '{\"value\": ...}'.")));
+	return JsonbValueToJsonb(v);
+}
+
+/*
+ * publish_batch_parse turns one element of the events array into a
+ * PublishEvent.  Members: event_type (required), payload, aggregate_type,
+ * aggregate_id, headers, dedupe_key, deliver_at; others are errors so that
+ * typos do not silently drop data.
+ */
+static void
+publish_batch_parse(JsonbValue *elem, int index, PublishEvent *ev)
+{
+	JsonbIterator *it;
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+	char	   *key = NULL;
+
+	if (elem->type != jbvBinary || !JsonContainerIsObject(elem->val.binary.data))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("event %d of the batch is not a JSON object", index),
+				 errhint("Pass an array of objects like '[{\"event_type\": \"order.created\", \"payload\": {}}]'.")));
+
+	memset(ev, 0, sizeof(*ev));
+	it = JsonbIteratorInit(elem->val.binary.data);
+	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+	{
+		if (tok == WJB_KEY)
+		{
+			key = pnstrdup(v.val.string.val, v.val.string.len);
+			continue;
+		}
+		if (tok != WJB_VALUE)
+			continue;
+
+		if (strcmp(key, "event_type") == 0)
+			ev->event_type = publish_batch_text(&v, key, index);
+		else if (strcmp(key, "payload") == 0)
+			ev->payload = publish_batch_object(&v, key, index);
+		else if (strcmp(key, "headers") == 0)
+			ev->headers = publish_batch_object(&v, key, index);
+		else if (strcmp(key, "aggregate_type") == 0)
+			ev->aggregate_type = publish_batch_text(&v, key, index);
+		else if (strcmp(key, "aggregate_id") == 0)
+			ev->aggregate_id = publish_batch_text(&v, key, index);
+		else if (strcmp(key, "dedupe_key") == 0)
+			ev->dedupe_key = publish_batch_text(&v, key, index);
+		else if (strcmp(key, "deliver_at") == 0)
+		{
+			text	   *t = publish_batch_text(&v, key, index);
+
+			if (t != NULL)
+			{
+				ev->has_deliver_at = true;
+				ev->deliver_at = DatumGetTimestampTz(
+													 DirectFunctionCall3(timestamptz_in,
+																		 CStringGetDatum(text_to_cstring(t)),
+																		 ObjectIdGetDatum(InvalidOid),
+																		 Int32GetDatum(-1)));
+			}
+		}
+		else
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("unknown member \"%s\" in event %d of the batch", key, index),
+					 errhint("Valid members are event_type, payload, aggregate_type, aggregate_id, headers, dedupe_key and deliver_at.")));
+	}
+
+	if (ev->event_type == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("event %d of the batch has no event_type", index)));
+	if (ev->payload == NULL)
+		ev->payload = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum("{}")));
+	if (ev->headers == NULL)
+		ev->headers = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum("{}")));
+}
+
+/* qsort comparator for the (event_id, id) pairs that the batch insert returns */
+typedef struct PublishedPair
+{
+	pg_uuid_t	event_id;
+	int64		id;
+} PublishedPair;
+
+static int
+publish_pair_cmp(const void *a, const void *b)
+{
+	return memcmp(&((const PublishedPair *) a)->event_id,
+				  &((const PublishedPair *) b)->event_id, UUID_LEN);
+}
+
+/*
+ * publish_batch(events jsonb) publishes an array of events with one
+ * set-based insert and returns their ids in input order.  A member with a
+ * dedupe_key seen inside the window (or earlier in the same batch) returns
+ * the first event's id instead.
+ */
+Datum
+publish_batch(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	Jsonb	   *events;
+	JsonbIterator *it;
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+	int			n;
+	int			i;
+	int			nnew = 0;
+	PublishEvent *evs;
+	int64	   *ids;
+	pg_uuid_t  *uuids;
+	ArrayBuildState *a_uuid,
+			   *a_type,
+			   *a_atype,
+			   *a_aid,
+			   *a_payload,
+			   *a_headers,
+			   *a_deliver,
+			   *a_dedupe;
+	MemoryContext callerctx = CurrentMemoryContext;
+
+	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("events must not be null")));
+	events = PG_GETARG_JSONB_P(0);
+	if (!JB_ROOT_IS_ARRAY(events) || JB_ROOT_IS_SCALAR(events))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("events must be a JSON array of event objects")));
+
+	n = JB_ROOT_COUNT(events);
+	if (n == 0)
+		PG_RETURN_NULL();
+
+	evs = palloc0(sizeof(PublishEvent) * n);
+	ids = palloc0(sizeof(int64) * n);
+	uuids = palloc0(sizeof(pg_uuid_t) * n);
+
+	/* parse and check everything before writing anything */
+	i = 0;
+	it = JsonbIteratorInit(&events->root);
+	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+	{
+		if (tok != WJB_ELEM)
+			continue;
+		publish_batch_parse(&v, i + 1, &evs[i]);
+		publish_check(&evs[i]);
+		evs[i].headers = publish_context_headers(evs[i].headers);
+		i++;
+	}
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "eventbox: SPI_connect failed");
+
+	a_uuid = initArrayResult(UUIDOID, callerctx, false);
+	a_type = initArrayResult(TEXTOID, callerctx, false);
+	a_atype = initArrayResult(TEXTOID, callerctx, false);
+	a_aid = initArrayResult(TEXTOID, callerctx, false);
+	a_payload = initArrayResult(JSONBOID, callerctx, false);
+	a_headers = initArrayResult(JSONBOID, callerctx, false);
+	a_deliver = initArrayResult(TIMESTAMPTZOID, callerctx, false);
+	a_dedupe = initArrayResult(TEXTOID, callerctx, false);
+
+	for (i = 0; i < n; i++)
+	{
+		PublishEvent *ev = &evs[i];
+
+		if (ev->dedupe_key != NULL)
+		{
+			int			j;
+
+			/* same key earlier in this batch: that event's id */
+			for (j = 0; j < i && ids[i] == 0; j++)
+			{
+				if (evs[j].dedupe_key != NULL &&
+					VARSIZE_ANY_EXHDR(evs[j].dedupe_key) == VARSIZE_ANY_EXHDR(ev->dedupe_key) &&
+					memcmp(VARDATA_ANY(evs[j].dedupe_key), VARDATA_ANY(ev->dedupe_key),
+						   VARSIZE_ANY_EXHDR(ev->dedupe_key)) == 0)
+					ids[i] = -(j + 1);	/* resolved after the insert */
+			}
+			if (ids[i] == 0)
+				ids[i] = publish_dedupe(ev->dedupe_key);
+			if (ids[i] != 0)
+				continue;
+		}
+
+		EventboxGenerateUuidV7(&uuids[i]);
+		accumArrayResult(a_uuid, UUIDPGetDatum(&uuids[i]), false, UUIDOID, callerctx);
+		accumArrayResult(a_type, PointerGetDatum(ev->event_type), false, TEXTOID, callerctx);
+		accumArrayResult(a_atype, PointerGetDatum(ev->aggregate_type),
+						 ev->aggregate_type == NULL, TEXTOID, callerctx);
+		accumArrayResult(a_aid, PointerGetDatum(ev->aggregate_id),
+						 ev->aggregate_id == NULL, TEXTOID, callerctx);
+		accumArrayResult(a_payload, JsonbPGetDatum(ev->payload), false, JSONBOID, callerctx);
+		accumArrayResult(a_headers, JsonbPGetDatum(ev->headers), false, JSONBOID, callerctx);
+		accumArrayResult(a_deliver, TimestampTzGetDatum(ev->deliver_at),
+						 !ev->has_deliver_at, TIMESTAMPTZOID, callerctx);
+		accumArrayResult(a_dedupe, PointerGetDatum(ev->dedupe_key),
+						 ev->dedupe_key == NULL, TEXTOID, callerctx);
+		nnew++;
+	}
+
+	if (nnew > 0)
+	{
+		Datum		values[10];
+		int			rc;
+		PublishedPair *pairs;
+		int			k;
+
+		if (publish_batch_plan == NULL)
+		{
+			Oid			types[10] = {XID8OID, TIMESTAMPTZOID, UUIDARRAYOID,
+				TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, JSONBARRAYOID,
+			JSONBARRAYOID, TIMESTAMPTZARRAYOID, TEXTARRAYOID};
+
+			publish_batch_plan = EventboxPreparePlan(
+													 "INSERT INTO eventbox.log (id, txid, event_id, event_type,"
+													 " aggregate_type, aggregate_id, payload, headers, occurred_at,"
+													 " deliver_at, dedupe_key)"
+													 " SELECT pg_catalog.nextval('eventbox.log_id_seq'::pg_catalog.regclass),"
+													 " $1, e.u, e.t, e.at, e.aid, e.p, e.h, $2, e.d, e.k"
+													 " FROM ROWS FROM (pg_catalog.unnest($3), pg_catalog.unnest($4),"
+													 " pg_catalog.unnest($5), pg_catalog.unnest($6), pg_catalog.unnest($7),"
+													 " pg_catalog.unnest($8), pg_catalog.unnest($9), pg_catalog.unnest($10))"
+													 "  AS e(u, t, at, aid, p, h, d, k)"
+													 " RETURNING event_id, id",
+													 10, types);
+		}
+		values[0] = FullTransactionIdGetDatum(GetTopFullTransactionId());
+		values[1] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+		values[2] = makeArrayResult(a_uuid, callerctx);
+		values[3] = makeArrayResult(a_type, callerctx);
+		values[4] = makeArrayResult(a_atype, callerctx);
+		values[5] = makeArrayResult(a_aid, callerctx);
+		values[6] = makeArrayResult(a_payload, callerctx);
+		values[7] = makeArrayResult(a_headers, callerctx);
+		values[8] = makeArrayResult(a_deliver, callerctx);
+		values[9] = makeArrayResult(a_dedupe, callerctx);
+
+		rc = SPI_execute_plan(publish_batch_plan, values, NULL, false, 0);
+		if (rc != SPI_OK_INSERT_RETURNING || SPI_processed != (uint64) nnew)
+			elog(ERROR, "eventbox: batch insert failed: %s", SPI_result_code_string(rc));
+
+		/*
+		 * Map the returned ids back to input positions: this backend's
+		 * UUIDv7s increase strictly, so sorting by event_id restores input
+		 * order.
+		 */
+		pairs = MemoryContextAlloc(callerctx, sizeof(PublishedPair) * nnew);
+		for (k = 0; k < nnew; k++)
+		{
+			bool		isnull;
+			HeapTuple	tup = SPI_tuptable->vals[k];
+
+			memcpy(&pairs[k].event_id,
+				   DatumGetUUIDP(SPI_getbinval(tup, SPI_tuptable->tupdesc, 1, &isnull)),
+				   UUID_LEN);
+			pairs[k].id = DatumGetInt64(SPI_getbinval(tup, SPI_tuptable->tupdesc, 2, &isnull));
+		}
+		qsort(pairs, nnew, sizeof(PublishedPair), publish_pair_cmp);
+		k = 0;
+		for (i = 0; i < n; i++)
+			if (ids[i] == 0)
+				ids[i] = pairs[k++].id;
+	}
+	SPI_finish();
+
+	for (i = 0; i < n; i++)
+	{
+		Datum		value;
+		bool		isnull = false;
+
+		if (ids[i] < 0)
+			ids[i] = ids[-ids[i] - 1];
+		value = Int64GetDatum(ids[i]);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, &value, &isnull);
+	}
+	PG_RETURN_NULL();
+}

@@ -1,0 +1,188 @@
+/*-------------------------------------------------------------------------
+ *
+ * routing.c
+ *	  Which events go where: event type rules, subscription patterns and
+ *	  the lanes of ordered subscriptions.
+ *
+ * An event type is 1 to 255 bytes of letters, digits, "_", ".", ":" and
+ * "-", made of non-empty dot-separated tokens, so that it can also be a
+ * NATS subject token sequence.  A pattern is an event type that may contain
+ * "*" (any run of characters) and "?" (one character).
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "catalog/pg_type.h"
+#include "common/hashfn.h"
+#include "eventbox.h"
+#include "fmgr.h"
+#include "lib/stringinfo.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+
+PG_FUNCTION_INFO_V1(eventbox_lane);
+PG_FUNCTION_INFO_V1(eventbox_glob_regex);
+
+static inline bool
+routing_is_type_char(char c)
+{
+	return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+		(c >= '0' && c <= '9') || c == '_' || c == '.' || c == ':' || c == '-';
+}
+
+/*
+ * EventboxCheckEventType raises an error unless type (len bytes) is a valid
+ * event type.
+ */
+void
+EventboxCheckEventType(const char *type, int len)
+{
+	int			i;
+
+	if (len == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("event_type must not be empty")));
+	if (len > EVENTBOX_MAX_TYPE_LEN)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("event_type is too long"),
+				 errdetail("An event type has at most %d bytes, this one has %d.",
+						   EVENTBOX_MAX_TYPE_LEN, len)));
+	for (i = 0; i < len; i++)
+	{
+		if (!routing_is_type_char(type[i]))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("invalid event_type \"%.*s\"", len, type),
+					 errdetail("An event type may only contain letters, digits, \"_\", \".\", \":\" and \"-\".")));
+		if (type[i] == '.' && (i == 0 || i == len - 1 || type[i - 1] == '.'))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("invalid event_type \"%.*s\"", len, type),
+					 errdetail("An event type must not start or end with \".\" or contain \"..\".")));
+	}
+}
+
+/*
+ * EventboxLaneOf returns the lane (0 .. lanes-1) of an event: a hash of its
+ * aggregate, so that all events of one aggregate share a lane, or of its id
+ * when it has no aggregate.
+ */
+int
+EventboxLaneOf(const char *aggregate_type, int atlen,
+			   const char *aggregate_id, int aidlen, int64 id, int lanes)
+{
+	uint32		h;
+
+	if (lanes <= 1)
+		return 0;
+	if (aggregate_id != NULL)
+	{
+		h = hash_bytes((const unsigned char *) aggregate_type, atlen);
+		h = hash_combine(h, hash_bytes((const unsigned char *) aggregate_id, aidlen));
+	}
+	else
+		h = hash_bytes_uint32((uint32) id ^ (uint32) (id >> 32));
+	return (int) (h % (uint32) lanes);
+}
+
+/*
+ * eventbox._lane(aggregate_type, aggregate_id, id, lanes): SQL access to
+ * EventboxLaneOf, used by the management functions and views.
+ */
+Datum
+eventbox_lane(PG_FUNCTION_ARGS)
+{
+	int32		lanes = PG_GETARG_INT32(3);
+	int64		id = PG_GETARG_INT64(2);
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
+		PG_RETURN_INT32(EventboxLaneOf(NULL, 0, NULL, 0, id, lanes));
+	else
+	{
+		text	   *at = PG_GETARG_TEXT_PP(0);
+		text	   *aid = PG_GETARG_TEXT_PP(1);
+
+		PG_RETURN_INT32(EventboxLaneOf(VARDATA_ANY(at), VARSIZE_ANY_EXHDR(at),
+									   VARDATA_ANY(aid), VARSIZE_ANY_EXHDR(aid),
+									   id, lanes));
+	}
+}
+
+/*
+ * eventbox._glob_regex(patterns text[]) checks a subscription's event type
+ * patterns and returns one anchored regular expression matching any of
+ * them, or NULL when a pattern is "*" (every type matches).
+ */
+Datum
+eventbox_glob_regex(PG_FUNCTION_ARGS)
+{
+	ArrayType  *arr;
+	Datum	   *elems;
+	bool	   *nulls;
+	int			nelems;
+	int			i;
+	StringInfoData re;
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("event_types must not be null")));
+	arr = PG_GETARG_ARRAYTYPE_P(0);
+	if (ARR_NDIM(arr) > 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("event_types must be a one-dimensional array")));
+	deconstruct_array(arr, TEXTOID, -1, false, TYPALIGN_INT,
+					  &elems, &nulls, &nelems);
+
+	initStringInfo(&re);
+	appendStringInfoString(&re, "^(?:");
+	for (i = 0; i < nelems; i++)
+	{
+		text	   *t;
+		const char *p;
+		int			len;
+		int			j;
+
+		if (nulls[i])
+			ereport(ERROR,
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+					 errmsg("event_types must not contain nulls")));
+		t = DatumGetTextPP(elems[i]);
+		p = VARDATA_ANY(t);
+		len = VARSIZE_ANY_EXHDR(t);
+		if (len == 0 || len > EVENTBOX_MAX_TYPE_LEN)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("invalid event type pattern \"%.*s\"", len, p),
+					 errdetail("A pattern has 1 to %d bytes.", EVENTBOX_MAX_TYPE_LEN)));
+		if (len == 1 && p[0] == '*')
+			PG_RETURN_NULL();
+
+		if (i > 0)
+			appendStringInfoChar(&re, '|');
+		for (j = 0; j < len; j++)
+		{
+			char		c = p[j];
+
+			if (c == '*')
+				appendStringInfoString(&re, ".*");
+			else if (c == '?')
+				appendStringInfoChar(&re, '.');
+			else if (c == '.')
+				appendStringInfoString(&re, "\\.");
+			else if (routing_is_type_char(c))
+				appendStringInfoChar(&re, c);
+			else
+				ereport(ERROR,
+						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						 errmsg("invalid event type pattern \"%.*s\"", len, p),
+						 errdetail("A pattern may only contain letters, digits, \"_\", \".\", \":\", \"-\" and the wildcards \"*\" and \"?\".")));
+		}
+	}
+	appendStringInfoString(&re, ")$");
+	PG_RETURN_TEXT_P(cstring_to_text_with_len(re.data, re.len));
+}
