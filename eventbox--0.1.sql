@@ -858,7 +858,7 @@ $$;
 
 -- Events of a lane not yet handed out by its cursor: visible now, not
 -- visible in the cursor snapshot, and not behind the position in the
--- current window.
+-- current window (an id for ordered lanes, (txid, id) otherwise).
 CREATE FUNCTION eventbox._pending(s eventbox.subscriptions)
 RETURNS SETOF eventbox.log
 LANGUAGE sql STABLE
@@ -871,7 +871,8 @@ AS $$
 		  AND NOT pg_visible_in_snapshot(l.txid, c.snap)
 		  AND NOT (c.target IS NOT NULL
 				   AND pg_visible_in_snapshot(l.txid, c.target)
-				   AND (l.txid, l.id) <= (c.pos_txid, c.pos_id))
+				   AND CASE WHEN s.lanes > 1 THEN l.id <= c.pos_id
+							ELSE (l.txid, l.id) <= (c.pos_txid, c.pos_id) END)
 	WHERE c.sub_id = s.sub_id
 	  AND (s.type_regex IS NULL OR l.event_type ~ s.type_regex)
 	  AND (s.lanes = 1 OR eventbox._lane(l.aggregate_type, l.aggregate_id, l.id, s.lanes) = c.lane)

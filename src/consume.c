@@ -7,8 +7,12 @@
  * an optional target snapshot S_t and a position (txid, id) inside the
  * window S_t - S_c.  The window holds the events of transactions visible in
  * S_t but not in S_c: those in S_c's in-progress list plus those in the xid
- * band [xmax(S_c), xmax(S_t)).  Inside a window events are handed out in
- * (txid, id) order; when a window is used up, S_t becomes the new S_c.  So a
+ * band [xmax(S_c), xmax(S_t)).  Inside a window, unordered subscriptions
+ * take events in (txid, id) order, which follows the index; ordered ones
+ * take them in id order, because ids are drawn at publish time and so
+ * follow commit order for writers that serialize on the aggregate (xids
+ * may not: a transaction can take its xid before it waits for a row lock).
+ * When a window is used up, S_t becomes the new S_c.  So a
  * transaction that took a low xid and commits late is found through S_c's
  * in-progress list instead of being skipped, and a long open transaction
  * only costs one index probe per claim.
@@ -96,6 +100,8 @@ static SPIPlanPtr plan_retry_take = NULL;
 static SPIPlanPtr plan_events = NULL;
 static SPIPlanPtr plan_xip = NULL;
 static SPIPlanPtr plan_band = NULL;
+static SPIPlanPtr plan_window_min = NULL;
+static SPIPlanPtr plan_idscan = NULL;
 static SPIPlanPtr plan_snapshot = NULL;
 static SPIPlanPtr plan_delay = NULL;
 static SPIPlanPtr plan_batch = NULL;
@@ -469,6 +475,30 @@ claim_lane(ClaimState *st, int lane, HeapTuple cursor, TupleDesc cdesc)
 				break;
 			}
 			moved = true;
+
+			/*
+			 * Ordered lanes walk a window in id order, starting below its
+			 * lowest id.  An empty window is used up at once.
+			 */
+			if (st->sub->ordered)
+			{
+				Datum		margs[2];
+
+				margs[0] = snap;
+				margs[1] = target;
+				consume_exec(plan_window_min, margs, NULL, SPI_OK_SELECT, "window start");
+				pos_txid = FullTransactionIdGetDatum(FullTransactionIdFromU64(0));
+				pos_id = consume_col(0, 1, &isnull);
+				if (isnull)
+				{
+					snap = target;
+					target_null = true;
+					pos_id = Int64GetDatum(0);
+					windows++;
+					continue;
+				}
+				pos_id = Int64GetDatum(DatumGetInt64(pos_id) - 1);
+			}
 		}
 
 		limit = st->want;
@@ -481,8 +511,11 @@ claim_lane(ClaimState *st, int lane, HeapTuple cursor, TupleDesc cdesc)
 		args[6] = Int32GetDatum(lane);
 		args[7] = Int64GetDatum(limit);
 
-		got = claim_window(st, plan_xip, args, lane, &pos_txid, &pos_id, &stopped);
-		if (!stopped && got < limit)
+		if (st->sub->ordered)
+			got = claim_window(st, plan_idscan, args, lane, &pos_txid, &pos_id, &stopped);
+		else
+			got = claim_window(st, plan_xip, args, lane, &pos_txid, &pos_id, &stopped);
+		if (!st->sub->ordered && !stopped && got < limit)
 		{
 			args[1] = pos_txid;
 			args[2] = pos_id;
@@ -612,6 +645,31 @@ consume_prepare_claim_plans(void)
 									" AND (txid, id) > ($2, $3)"
 									WINDOW_FILTER,
 									8, t_window);
+	{
+		Oid			types[2] = {PG_SNAPSHOTOID, PG_SNAPSHOTOID};
+
+		plan_window_min = EventboxPreparePlan(
+											  "SELECT LEAST("
+											  " (SELECT min(id) FROM eventbox.log"
+											  "  WHERE txid = ANY(ARRAY(SELECT pg_catalog.pg_snapshot_xip($1)))"
+											  "  AND pg_catalog.pg_visible_in_snapshot(txid, $2)),"
+											  " (SELECT min(id) FROM eventbox.log"
+											  "  WHERE txid >= pg_catalog.pg_snapshot_xmax($1)"
+											  "  AND txid < pg_catalog.pg_snapshot_xmax($2)"
+											  "  AND pg_catalog.pg_visible_in_snapshot(txid, $2)))",
+											  2, types);
+	}
+	plan_idscan = EventboxPreparePlan(
+									  "SELECT " LOG_COLUMNS " FROM eventbox.log"
+									  " WHERE id > $3 AND $2 IS NOT NULL"
+									  " AND (txid = ANY(ARRAY(SELECT pg_catalog.pg_snapshot_xip($1)))"
+									  "      OR (txid >= pg_catalog.pg_snapshot_xmax($1)"
+									  "          AND txid < pg_catalog.pg_snapshot_xmax($4)))"
+									  " AND pg_catalog.pg_visible_in_snapshot(txid, $4)"
+									  " AND ($5::text IS NULL OR event_type OPERATOR(pg_catalog.~) $5)"
+									  " AND ($6 = 1 OR eventbox._lane(aggregate_type, aggregate_id, id, $6) = $7)"
+									  " ORDER BY id LIMIT $8",
+									  8, t_window);
 	plan_snapshot = EventboxPreparePlan("SELECT pg_catalog.pg_current_snapshot()",
 										0, NULL);
 	{
