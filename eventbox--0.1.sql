@@ -152,14 +152,17 @@ CREATE TABLE eventbox.dead_letter_store (
 	PRIMARY KEY (sub_id, id)
 );
 
--- Per-subscription totals of the exception paths (the happy path counts in
--- cursors.delivered; acked is derived, see the stats view).
+-- Totals of the exception paths (the happy path counts in
+-- cursors.delivered; acked is derived, see the stats view).  Insert-only
+-- deltas rather than one row per subscription, so that a nack never waits
+-- for another consumer's lock on a shared counter row.
 CREATE TABLE eventbox.counters (
-	sub_id			int PRIMARY KEY REFERENCES eventbox.subscriptions ON DELETE CASCADE,
+	sub_id			int NOT NULL REFERENCES eventbox.subscriptions ON DELETE CASCADE,
 	retried			bigint NOT NULL DEFAULT 0,
 	dead			bigint NOT NULL DEFAULT 0,
-	updated_at		timestamptz NOT NULL DEFAULT pg_catalog.now()
+	at				timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp()
 );
+CREATE INDEX counters_sub_idx ON eventbox.counters (sub_id);
 
 REVOKE ALL ON ALL TABLES IN SCHEMA eventbox FROM PUBLIC;
 REVOKE ALL ON SEQUENCE eventbox.log_id_seq FROM PUBLIC;
@@ -289,8 +292,7 @@ BEGIN
 		ON CONFLICT (sub_id, id) DO UPDATE
 			SET attempts = EXCLUDED.attempts, last_error = EXCLUDED.last_error,
 				dead_at = EXCLUDED.dead_at;
-		UPDATE eventbox.counters SET dead = dead + 1, updated_at = clock_timestamp()
-			WHERE sub_id = s.sub_id;
+		INSERT INTO eventbox.counters (sub_id, dead) VALUES (s.sub_id, 1);
 		RETURN 'dead';
 	END IF;
 
@@ -310,8 +312,7 @@ BEGIN
 			reason = why, last_error = err, updated_at = clock_timestamp()
 		WHERE sub_id = s.sub_id AND id = event;
 	END IF;
-	UPDATE eventbox.counters SET retried = retried + 1, updated_at = clock_timestamp()
-		WHERE sub_id = s.sub_id;
+	INSERT INTO eventbox.counters (sub_id, retried) VALUES (s.sub_id, 1);
 	RETURN 'retry';
 END
 $$;
@@ -578,7 +579,6 @@ BEGIN
 						   ELSE '1:1:'::pg_snapshot END;
 	INSERT INTO eventbox.cursors (sub_id, lane, snap)
 	SELECT s.sub_id, g, start FROM generate_series(0, s.lanes - 1) g;
-	INSERT INTO eventbox.counters (sub_id) VALUES (s.sub_id);
 END
 $$;
 
@@ -984,7 +984,10 @@ SELECT s.name,
 	   k.dead,
 	   GREATEST(cur.updated_at, k.updated_at, b.last_claim)
 FROM eventbox.subscriptions s
-	 JOIN eventbox.counters k USING (sub_id)
+	 CROSS JOIN LATERAL (SELECT COALESCE(sum(kk.retried), 0)::bigint AS retried,
+								COALESCE(sum(kk.dead), 0)::bigint AS dead,
+								max(kk.at) AS updated_at
+						 FROM eventbox.counters kk WHERE kk.sub_id = s.sub_id) k
 	 CROSS JOIN LATERAL (SELECT sum(c.delivered)::bigint AS delivered,
 								max(c.updated_at) AS updated_at
 						 FROM eventbox.cursors c WHERE c.sub_id = s.sub_id) cur
