@@ -131,7 +131,7 @@ CREATE TABLE eventbox.retries (
 	PRIMARY KEY (sub_id, id)
 );
 CREATE INDEX retries_due_idx ON eventbox.retries (sub_id, next_attempt_at);
-CREATE INDEX retries_lane_idx ON eventbox.retries (sub_id, lane, txid, id);
+CREATE INDEX retries_lane_idx ON eventbox.retries (sub_id, lane, id);
 
 -- Dead letters keep a copy of the event so they outlive log rotation.
 CREATE TABLE eventbox.dead_letter_store (

@@ -611,7 +611,7 @@ consume_prepare_claim_plans(void)
 
 		plan_retry_lane = EventboxPreparePlan(
 											  "SELECT id, next_attempt_at <= $3 FROM eventbox.retries"
-											  " WHERE sub_id = $1 AND lane = $2 ORDER BY txid, id",
+											  " WHERE sub_id = $1 AND lane = $2 ORDER BY id",
 											  3, types);
 	}
 	{
