@@ -1007,7 +1007,8 @@ ack(PG_FUNCTION_ARGS)
 
 /*
  * ack(ids[], subscription, lease) acknowledges many leased events and
- * returns how many of them were leased.  NULL elements are ignored.
+ * returns how many of them were leased.  NULL elements are ignored, and a
+ * NULL array acks nothing.
  */
 Datum
 ack_array(PG_FUNCTION_ARGS)
@@ -1020,10 +1021,12 @@ ack_array(PG_FUNCTION_ARGS)
 	int			k = 0;
 	int64	   *ids;
 
+	/*
+	 * NULL acks nothing, like an empty array: it is what array_agg() gives
+	 * over an empty claim, the idiom ack(array_agg(id)) FROM claim_batch().
+	 */
 	if (PG_ARGISNULL(0))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("ids must not be null")));
+		PG_RETURN_INT32(0);
 	arr = PG_GETARG_ARRAYTYPE_P(0);
 	deconstruct_array(arr, INT8OID, 8, true, TYPALIGN_DOUBLE, &elems, &nulls, &n);
 	ids = palloc(sizeof(int64) * Max(n, 1));
