@@ -977,7 +977,7 @@ SELECT s.name,
 	   now() - p.oldest,
 	   p.pending,
 	   COALESCE(EXTRACT(epoch FROM now() - p.oldest), 0)::float8,
-	   COALESCE(pg_sequence_last_value('eventbox.log_id_seq'::regclass), 0),
+	   pub.published,
 	   cur.delivered,
 	   cur.delivered - k.retried - k.dead - COALESCE(b.leased, 0),
 	   k.retried,
@@ -991,6 +991,8 @@ FROM eventbox.subscriptions s
 	 CROSS JOIN LATERAL (SELECT sum(c.delivered)::bigint AS delivered,
 								max(c.updated_at) AS updated_at
 						 FROM eventbox.cursors c WHERE c.sub_id = s.sub_id) cur
+	 CROSS JOIN LATERAL (SELECT count(*) AS published FROM eventbox.log l
+						 WHERE s.type_regex IS NULL OR l.event_type ~ s.type_regex) pub
 	 CROSS JOIN LATERAL (SELECT count(*) AS pending, min(x.occurred_at) AS oldest
 						 FROM eventbox._pending(s) x) p
 	 CROSS JOIN LATERAL (SELECT sum(cardinality(bb.ids))::bigint AS leased,
@@ -1004,8 +1006,10 @@ ORDER BY s.name
 $$;
 
 -- One row per subscription.  pending counts events not yet handed out plus
--- scheduled retries; acked_total is delivered - retried - dead-lettered -
--- still leased, since every delivery ends in exactly one of those.
+-- scheduled retries; published_total counts the committed events in the
+-- log that match the subscription's event types; acked_total is
+-- delivered - retried - dead-lettered - still leased, since every delivery
+-- ends in exactly one of those.
 CREATE VIEW eventbox.stats AS SELECT * FROM eventbox._stats();
 
 CREATE FUNCTION eventbox.event(id bigint)
