@@ -70,6 +70,9 @@ CREATE INDEX log_aggregate_idx ON eventbox.log (aggregate_type, aggregate_id, id
 	WHERE aggregate_id IS NOT NULL;
 CREATE INDEX log_dedupe_idx ON eventbox.log (dedupe_key)
 	WHERE dedupe_key IS NOT NULL;
+-- Lets the worker find when the next delayed event comes due.
+CREATE INDEX log_deliver_at_idx ON eventbox.log (deliver_at)
+	WHERE deliver_at IS NOT NULL;
 
 CREATE TABLE eventbox.subscriptions (
 	sub_id			int GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -125,7 +128,7 @@ CREATE TABLE eventbox.retries (
 	lane			int NOT NULL,
 	attempts		int NOT NULL,
 	next_attempt_at	timestamptz NOT NULL,
-	reason			text NOT NULL,	-- nack, expired, delayed, replay
+	reason			text NOT NULL,	-- nack, expired, delayed, released, replay
 	last_error		text,
 	updated_at		timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
 	PRIMARY KEY (sub_id, id)
@@ -160,6 +163,7 @@ CREATE TABLE eventbox.counters (
 	sub_id			int NOT NULL REFERENCES eventbox.subscriptions ON DELETE CASCADE,
 	retried			bigint NOT NULL DEFAULT 0,
 	dead			bigint NOT NULL DEFAULT 0,
+	released		bigint NOT NULL DEFAULT 0,	-- given back unprocessed
 	at				timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp()
 );
 CREATE INDEX counters_sub_idx ON eventbox.counters (sub_id);
@@ -338,6 +342,9 @@ BEGIN
 	FROM eventbox.log l
 	WHERE l.id = ANY(events)
 	ON CONFLICT (sub_id, id) DO NOTHING;
+
+	INSERT INTO eventbox.counters (sub_id, released)
+	VALUES (s.sub_id, cardinality(events));
 END
 $$;
 
@@ -478,7 +485,16 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-	IF s.name IS NULL OR s.name !~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,62}$' THEN
+	IF s.name IS NULL OR s.mode IS NULL OR s.ordering IS NULL
+		OR s.event_types IS NULL OR s.max_attempts IS NULL THEN
+		RAISE EXCEPTION '% must not be null',
+			CASE WHEN s.name IS NULL THEN 'name' WHEN s.mode IS NULL THEN 'mode'
+				 WHEN s.ordering IS NULL THEN 'ordering'
+				 WHEN s.event_types IS NULL THEN 'event_types'
+				 ELSE 'max_attempts' END
+			USING ERRCODE = 'null_value_not_allowed';
+	END IF;
+	IF s.name !~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,62}$' THEN
 		RAISE EXCEPTION 'invalid subscription name "%"', s.name
 			USING ERRCODE = 'invalid_name',
 				  DETAIL = 'A subscription name has 1 to 63 letters, digits, "_", ".", ":" or "-" and does not start with a punctuation mark.';
@@ -554,7 +570,10 @@ BEGIN
 	s.lease := lease; s.max_attempts := max_attempts;
 	s.backoff_base := backoff_base; s.backoff_max := backoff_max;
 	s := eventbox._check_subscription(s);
-	IF start_at IS NULL OR start_at NOT IN ('now', 'beginning') THEN
+	IF start_at IS NULL THEN
+		RAISE EXCEPTION 'start_at must not be null' USING ERRCODE = 'null_value_not_allowed';
+	END IF;
+	IF start_at NOT IN ('now', 'beginning') THEN
 		RAISE EXCEPTION 'invalid start_at "%"', start_at
 			USING ERRCODE = 'invalid_parameter_value',
 				  HINT = 'Valid values are "now" and "beginning".';
@@ -648,7 +667,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
 	UPDATE eventbox.subscriptions SET paused = true
-	WHERE sub_id = (eventbox._sub(name)).sub_id;
+	WHERE sub_id = (eventbox._sub(pause.name)).sub_id;
 END
 $$;
 
@@ -659,7 +678,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
 	UPDATE eventbox.subscriptions SET paused = false
-	WHERE sub_id = (eventbox._sub(name)).sub_id;
+	WHERE sub_id = (eventbox._sub(resume.name)).sub_id;
 END
 $$;
 
@@ -979,13 +998,14 @@ SELECT s.name,
 	   COALESCE(EXTRACT(epoch FROM now() - p.oldest), 0)::float8,
 	   pub.published,
 	   cur.delivered,
-	   cur.delivered - k.retried - k.dead - COALESCE(b.leased, 0),
+	   cur.delivered - k.retried - k.dead - k.released - COALESCE(b.leased, 0),
 	   k.retried,
 	   k.dead,
 	   GREATEST(cur.updated_at, k.updated_at, b.last_claim)
 FROM eventbox.subscriptions s
 	 CROSS JOIN LATERAL (SELECT COALESCE(sum(kk.retried), 0)::bigint AS retried,
 								COALESCE(sum(kk.dead), 0)::bigint AS dead,
+								COALESCE(sum(kk.released), 0)::bigint AS released,
 								max(kk.at) AS updated_at
 						 FROM eventbox.counters kk WHERE kk.sub_id = s.sub_id) k
 	 CROSS JOIN LATERAL (SELECT sum(c.delivered)::bigint AS delivered,
@@ -1008,8 +1028,8 @@ $$;
 -- One row per subscription.  pending counts events not yet handed out plus
 -- scheduled retries; published_total counts the committed events in the
 -- log that match the subscription's event types; acked_total is
--- delivered - retried - dead-lettered - still leased, since every delivery
--- ends in exactly one of those.
+-- delivered - retried - dead-lettered - released - still leased, since
+-- every delivery ends in exactly one of those.
 CREATE VIEW eventbox.stats AS SELECT * FROM eventbox._stats();
 
 CREATE FUNCTION eventbox.event(id bigint)
@@ -1046,6 +1066,136 @@ BEGIN
 	  AND l.id > COALESCE(after_id, 0)
 	ORDER BY l.id
 	LIMIT lim;
+END
+$$;
+
+-- ---------------------------------------------------------------------------
+-- The background worker's side (see src/worker.c)
+-- ---------------------------------------------------------------------------
+
+-- What the worker forwards next for a push or push_once subscription.
+CREATE FUNCTION eventbox._claim_push(n int, subscription text)
+RETURNS SETOF eventbox.delivery
+AS 'MODULE_PATHNAME', 'claim_push'
+LANGUAGE C VOLATILE STRICT;
+
+-- Tell the launcher that this database has the extension.
+CREATE FUNCTION eventbox._register()
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'eventbox_register'
+LANGUAGE C VOLATILE;
+
+-- The notification text for one delivery.  Notifications must stay under
+-- 8000 bytes: a payload that does not fit is replaced by
+-- "payload_omitted": true (the consumer fetches it with eventbox.event(id)),
+-- never truncated.
+CREATE FUNCTION eventbox._message(d eventbox.delivery, notify text, with_lease boolean)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	m jsonb;
+	msg text;
+BEGIN
+	m := jsonb_build_object('subscription', d.subscription, 'id', d.id,
+							'event_id', d.event_id, 'event_type', d.event_type,
+							'aggregate_type', d.aggregate_type,
+							'aggregate_id', d.aggregate_id,
+							'occurred_at', d.occurred_at, 'attempt', d.attempt);
+	IF with_lease THEN
+		m := m || jsonb_build_object('lease', d.lease, 'leased_until', d.leased_until);
+	END IF;
+	IF notify = 'event' THEN
+		msg := (m || jsonb_build_object('headers', d.headers, 'payload', d.payload))::text;
+		IF octet_length(msg) < 8000 THEN
+			RETURN msg;
+		END IF;
+		msg := (m || jsonb_build_object('headers', d.headers, 'payload_omitted', true))::text;
+		IF octet_length(msg) < 8000 THEN
+			RETURN msg;
+		END IF;
+		m := m || jsonb_build_object('payload_omitted', true, 'headers_omitted', true);
+	END IF;
+	msg := m::text;
+	IF octet_length(msg) < 8000 THEN
+		RETURN msg;
+	END IF;
+	-- only an enormous aggregate id gets here
+	RETURN (jsonb_build_object('subscription', d.subscription, 'id', d.id,
+							   'event_id', d.event_id, 'event_type', d.event_type,
+							   'attempt', d.attempt, 'payload_omitted', true,
+							   'envelope_omitted', true)
+			|| CASE WHEN with_lease
+					THEN jsonb_build_object('lease', d.lease, 'leased_until', d.leased_until)
+					ELSE '{}' END)::text;
+END
+$$;
+
+-- Whether a pull subscription has events a claim would return now.
+CREATE FUNCTION eventbox._has_due(s eventbox.subscriptions, t timestamptz)
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT EXISTS (SELECT FROM eventbox._pending(s) p
+				   WHERE p.deliver_at IS NULL OR p.deliver_at <= t
+				   LIMIT 1)
+		OR EXISTS (SELECT FROM eventbox.retries r
+				   WHERE r.sub_id = s.sub_id AND r.next_attempt_at <= t)
+$$;
+
+-- One worker cycle: expire leases, forward push subscriptions' events as
+-- notifications, wake pull subscriptions that have due events.  Returns
+-- when something comes due next (a retry, a lease, a delayed event).
+CREATE FUNCTION eventbox._deliver(batch int)
+RETURNS timestamptz
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	s eventbox.subscriptions;
+	d eventbox.delivery;
+	t timestamptz := clock_timestamp();
+	n int;
+	wake text;
+BEGIN
+	PERFORM eventbox._expire_leases(b.sub_id, t)
+	FROM (SELECT DISTINCT sub_id FROM eventbox.batches WHERE leased_until < t) b;
+
+	FOR s IN SELECT * FROM eventbox.subscriptions
+			 WHERE mode <> 'pull' AND NOT paused ORDER BY sub_id
+	LOOP
+		n := 0;
+		FOR d IN SELECT * FROM eventbox._claim_push(batch, s.name) LOOP
+			n := n + 1;
+			IF s.notify IN ('event', 'envelope') THEN
+				PERFORM pg_notify(s.channel, eventbox._message(d, s.notify, s.mode = 'push'));
+			END IF;
+		END LOOP;
+		IF n > 0 AND s.notify = 'wakeup' THEN
+			PERFORM pg_notify(s.channel,
+							  jsonb_build_object('subscription', s.name, 'wakeup', true)::text);
+		END IF;
+	END LOOP;
+
+	FOR s IN SELECT * FROM eventbox.subscriptions
+			 WHERE mode = 'pull' AND notify <> 'none' AND NOT paused ORDER BY sub_id
+	LOOP
+		IF eventbox._has_due(s, t) THEN
+			wake := CASE s.notify
+						WHEN 'wakeup' THEN jsonb_build_object('subscription', s.name,
+															  'wakeup', true)::text
+						ELSE jsonb_build_object('subscription', s.name, 'wakeup', true,
+												'notify', s.notify)::text END;
+			PERFORM pg_notify(s.channel, wake);
+		END IF;
+	END LOOP;
+
+	RETURN LEAST((SELECT min(next_attempt_at) FROM eventbox.retries
+				  WHERE next_attempt_at > t AND next_attempt_at <> 'infinity'),
+				 (SELECT min(leased_until) FROM eventbox.batches),
+				 (SELECT min(deliver_at) FROM eventbox.log WHERE deliver_at > t));
 END
 $$;
 
@@ -1088,3 +1238,6 @@ GRANT SELECT ON eventbox.dead_letter_events TO eventbox_admin;
 -- the worker, counted as delivered once notified.
 SELECT eventbox.subscribe('default', mode => 'push_once', channel => 'eventbox',
 						  notify => 'event');
+
+-- With eventbox in shared_preload_libraries, start this database's worker.
+SELECT eventbox._register();

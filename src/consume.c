@@ -27,6 +27,7 @@
 #include "postgres.h"
 
 #include "access/xact.h"
+#include "utils/resowner.h"
 #include "catalog/pg_type.h"
 #include "eventbox.h"
 #include "fmgr.h"
@@ -40,6 +41,7 @@
 #include "utils/xid8.h"
 
 PG_FUNCTION_INFO_V1(claim_batch);
+PG_FUNCTION_INFO_V1(claim_push);
 PG_FUNCTION_INFO_V1(ack);
 PG_FUNCTION_INFO_V1(ack_array);
 
@@ -60,6 +62,7 @@ typedef struct ConsumeSub
 typedef struct ClaimState
 {
 	ConsumeSub *sub;
+	bool		no_lease;		/* push_once: delivery needs no lease */
 	int			want;			/* events still wanted */
 	ReturnSetInfo *rsinfo;
 	pg_uuid_t	lease;
@@ -206,9 +209,9 @@ claim_emit(ClaimState *st, int row, int attempt)
 	values[9] = Int32GetDatum(attempt);
 	nulls[9] = false;
 	values[10] = UUIDPGetDatum(&st->lease);
-	nulls[10] = false;
+	nulls[10] = st->no_lease;
 	values[11] = TimestampTzGetDatum(st->leased_until);
-	nulls[11] = false;
+	nulls[11] = st->no_lease;
 	tuplestore_putvalues(st->rsinfo->setResult, st->rsinfo->setDesc, values, nulls);
 
 	st->ids[st->nids++] = DatumGetInt64(values[0]);
@@ -535,7 +538,7 @@ claim_lane(ClaimState *st, int lane, HeapTuple cursor, TupleDesc cdesc)
 		windows++;
 	}
 
-	if (st->nids > 0)
+	if (st->nids > 0 && !st->no_lease)
 	{
 		Datum		values[7];
 		Datum	   *elems = palloc(sizeof(Datum) * st->nids);
@@ -706,11 +709,47 @@ consume_prepare_claim_plans(void)
 }
 
 /*
- * claim_batch(n, subscription, lease) leases up to n due events of a pull
- * subscription and returns them as eventbox.delivery rows.
+ * claim_try_lane locks a lane's cursor and claims from it.  An unordered
+ * subscription has one cursor, and claims wait for it.  Ordered lanes are
+ * skipped while another claim holds them or while a batch of theirs is in
+ * flight: one batch per lane at a time.  Returns whether the lane gave any
+ * events.
  */
-Datum
-claim_batch(PG_FUNCTION_ARGS)
+static bool
+claim_try_lane(ClaimState *st, int lane)
+{
+	Datum		values[2];
+	HeapTuple	cursor;
+	TupleDesc	cdesc;
+
+	values[0] = Int32GetDatum(st->sub->sub_id);
+	values[1] = Int32GetDatum(lane);
+	consume_exec(st->sub->ordered ? plan_lock_skip : plan_lock, values, NULL,
+				 SPI_OK_SELECT, "cursor lock");
+	if (SPI_processed == 0)
+		return false;
+	cursor = SPI_copytuple(SPI_tuptable->vals[0]);
+	cdesc = SPI_tuptable->tupdesc;
+
+	if (st->sub->ordered)
+	{
+		consume_exec(plan_busy, values, NULL, SPI_OK_SELECT, "lane check");
+		if (SPI_processed > 0)
+			return false;
+	}
+	claim_lane(st, lane, cursor, cdesc);
+	return st->nids > 0;
+}
+
+/*
+ * claim_common leases up to n due events and returns them as
+ * eventbox.delivery rows.  Consumers (claim_batch) may claim only from pull
+ * subscriptions; the worker (claim_push) only from push ones, and a
+ * push_once delivery takes no lease: the committed notification is the
+ * delivery.
+ */
+static Datum
+claim_common(FunctionCallInfo fcinfo, bool for_worker)
 {
 	ClaimState	st;
 	int32		n;
@@ -760,7 +799,14 @@ claim_batch(PG_FUNCTION_ARGS)
 	consume_prepare_claim_plans();
 
 	st.sub = consume_sub(PG_ARGISNULL(1) ? NULL : PG_GETARG_TEXT_PP(1), st.ctx);
-	if (strcmp(st.sub->mode, "pull") != 0)
+	if (for_worker)
+	{
+		if (strcmp(st.sub->mode, "pull") == 0)
+			elog(ERROR, "eventbox: subscription \"%s\" is not a push subscription",
+				 st.sub->name);
+		st.no_lease = (strcmp(st.sub->mode, "push_once") == 0);
+	}
+	else if (strcmp(st.sub->mode, "pull") != 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
 				 errmsg("cannot claim from %s subscription \"%s\"",
@@ -801,38 +847,57 @@ claim_batch(PG_FUNCTION_ARGS)
 
 	for (i = 0; i < st.sub->lanes && st.want > 0; i++)
 	{
-		Datum		values[2];
-
 		CHECK_FOR_INTERRUPTS();
 		lane = (first + i) % st.sub->lanes;
-		values[0] = Int32GetDatum(st.sub->sub_id);
-		values[1] = Int32GetDatum(lane);
 
 		/*
-		 * An unordered subscription has one cursor, and claims wait for it.
-		 * Ordered lanes are skipped while another claim holds them or while
-		 * a batch of theirs is in flight: one batch per lane at a time.
+		 * Inside a transaction block the lane locks last until it ends, so
+		 * an ordered claim tries each lane in a subtransaction and gives
+		 * the lane back when it took nothing from it.  Other consumers can
+		 * then claim those lanes while this transaction goes on.
 		 */
-		consume_exec(st.sub->ordered ? plan_lock_skip : plan_lock, values, NULL,
-					 SPI_OK_SELECT, "cursor lock");
-		if (SPI_processed == 0)
-			continue;
+		if (st.sub->ordered && IsTransactionBlock())
 		{
-			HeapTuple	cursor = SPI_copytuple(SPI_tuptable->vals[0]);
-			TupleDesc	cdesc = SPI_tuptable->tupdesc;
+			MemoryContext oldcontext = CurrentMemoryContext;
+			ResourceOwner oldowner = CurrentResourceOwner;
+			bool		took;
 
-			if (st.sub->ordered)
-			{
-				consume_exec(plan_busy, values, NULL, SPI_OK_SELECT, "lane check");
-				if (SPI_processed > 0)
-					continue;
-			}
-			claim_lane(&st, lane, cursor, cdesc);
+			BeginInternalSubTransaction(NULL);
+			MemoryContextSwitchTo(oldcontext);
+			took = claim_try_lane(&st, lane);
+			if (took)
+				ReleaseCurrentSubTransaction();
+			else
+				RollbackAndReleaseCurrentSubTransaction();
+			MemoryContextSwitchTo(oldcontext);
+			CurrentResourceOwner = oldowner;
 		}
+		else
+			(void) claim_try_lane(&st, lane);
 	}
 
 	SPI_finish();
 	PG_RETURN_NULL();
+}
+
+/*
+ * claim_batch(n, subscription, lease) leases up to n due events of a pull
+ * subscription.
+ */
+Datum
+claim_batch(PG_FUNCTION_ARGS)
+{
+	return claim_common(fcinfo, false);
+}
+
+/*
+ * eventbox._claim_push(n, subscription): what the worker forwards next for
+ * a push or push_once subscription.
+ */
+Datum
+claim_push(PG_FUNCTION_ARGS)
+{
+	return claim_common(fcinfo, true);
 }
 
 /* qsort/bsearch comparator for int64 */

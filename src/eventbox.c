@@ -3,9 +3,10 @@
  * eventbox.c
  *	  Module initialization and settings of the eventbox extension.
  *
- * _PG_init only defines the settings; the SQL-callable functions live in
- * publish.c (producers), consume.c (consumers) and routing.c (event type
- * patterns and lanes).
+ * _PG_init defines the settings, installs the hooks and, while preloading,
+ * registers the launcher.  The SQL-callable functions live in publish.c
+ * (producers), consume.c (consumers) and routing.c (event type patterns and
+ * lanes); the background processes in launcher.c and worker.c.
  *
  *-------------------------------------------------------------------------
  */
@@ -13,15 +14,24 @@
 
 #include <limits.h>
 
+#include "commands/dbcommands.h"
+#include "commands/defrem.h"
 #include "eventbox.h"
 #include "fmgr.h"
+#include "miscadmin.h"
+#include "nodes/parsenodes.h"
 #include "port.h"
+#include "tcop/utility.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
 
 PG_MODULE_MAGIC;
 
 void		_PG_init(void);
+
+PG_FUNCTION_INFO_V1(eventbox_register);
+
+static ProcessUtility_hook_type prev_process_utility = NULL;
 
 char	   *eventbox_subscription = NULL;
 char	   *eventbox_actor = NULL;
@@ -30,6 +40,16 @@ char	   *eventbox_causation_id = NULL;
 int			eventbox_dedupe_window = 86400;
 int			eventbox_max_payload_size = 1024 * 1024;
 int			eventbox_max_claim_size = 10000;
+bool		eventbox_enabled = true;
+char	   *eventbox_databases = NULL;
+int			eventbox_naptime = 1000;
+int			eventbox_batch_size = 1000;
+int			eventbox_max_databases = 64;
+
+static void eventbox_process_utility(PlannedStmt *pstmt, const char *queryString,
+									 bool readOnlyTree, ProcessUtilityContext context,
+									 ParamListInfo params, QueryEnvironment *queryEnv,
+									 DestReceiver *dest, QueryCompletion *qc);
 
 /*
  * _PG_init defines the eventbox.* settings.  It runs when the library is
@@ -108,7 +128,150 @@ _PG_init(void)
 							0,
 							NULL, NULL, NULL);
 
+	DefineCustomBoolVariable("eventbox.enabled",
+							 "Enables the background worker.",
+							 "When off, the launcher starts no workers and running workers exit; the SQL API keeps working.",
+							 &eventbox_enabled,
+							 true,
+							 PGC_SIGHUP,
+							 0,
+							 NULL, NULL, NULL);
+
+	DefineCustomStringVariable("eventbox.databases",
+							   "Sets the databases the background worker serves.",
+							   "A comma-separated list of database names; empty means every database where the extension is installed.",
+							   &eventbox_databases,
+							   "",
+							   PGC_SIGHUP,
+							   GUC_LIST_INPUT,
+							   NULL, NULL, NULL);
+
+	DefineCustomIntVariable("eventbox.naptime",
+							"Sets the longest time a database worker sleeps between cycles.",
+							"Workers are woken at once by committing publishers and by due retries; this is the fallback.",
+							&eventbox_naptime,
+							1000,
+							10,
+							3600 * 1000,
+							PGC_SIGHUP,
+							GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("eventbox.batch_size",
+							"Sets how many events a worker cycle forwards per push subscription.",
+							NULL,
+							&eventbox_batch_size,
+							1000,
+							1,
+							100000,
+							PGC_SIGHUP,
+							0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("eventbox.max_databases",
+							"Sets how many databases the background worker can serve.",
+							NULL,
+							&eventbox_max_databases,
+							64,
+							1,
+							10000,
+							PGC_POSTMASTER,
+							0,
+							NULL, NULL, NULL);
+
 	MarkGUCPrefixReserved("eventbox");
+
+	EventboxShmemInit();
+	if (process_shared_preload_libraries_in_progress)
+		EventboxRegisterLauncher();
+
+	prev_process_utility = ProcessUtility_hook;
+	ProcessUtility_hook = eventbox_process_utility;
+}
+
+/*
+ * eventbox_utility_target returns the database that a utility statement
+ * needs to itself (DROP DATABASE, ALTER DATABASE ... RENAME or SET
+ * TABLESPACE, CREATE DATABASE ... TEMPLATE), or InvalidOid.
+ */
+static Oid
+eventbox_utility_target(Node *parsetree)
+{
+	ListCell   *lc;
+
+	if (IsA(parsetree, DropdbStmt))
+		return get_database_oid(((DropdbStmt *) parsetree)->dbname, true);
+	if (IsA(parsetree, RenameStmt) &&
+		((RenameStmt *) parsetree)->renameType == OBJECT_DATABASE)
+		return get_database_oid(((RenameStmt *) parsetree)->subname, true);
+	if (IsA(parsetree, CreatedbStmt))
+	{
+		foreach(lc, ((CreatedbStmt *) parsetree)->options)
+		{
+			DefElem    *def = lfirst(lc);
+
+			if (strcmp(def->defname, "template") == 0 && def->arg != NULL)
+				return get_database_oid(defGetString(def), true);
+		}
+	}
+	if (IsA(parsetree, AlterDatabaseStmt))
+	{
+		foreach(lc, ((AlterDatabaseStmt *) parsetree)->options)
+		{
+			DefElem    *def = lfirst(lc);
+
+			if (strcmp(def->defname, "tablespace") == 0)
+				return get_database_oid(((AlterDatabaseStmt *) parsetree)->dbname, true);
+		}
+	}
+	return InvalidOid;
+}
+
+/*
+ * eventbox_process_utility makes a database's worker leave while a command
+ * that needs the database to itself runs, so that DROP DATABASE works
+ * without FORCE, and lets it come back afterwards.
+ */
+static void
+eventbox_process_utility(PlannedStmt *pstmt, const char *queryString,
+						 bool readOnlyTree, ProcessUtilityContext context,
+						 ParamListInfo params, QueryEnvironment *queryEnv,
+						 DestReceiver *dest, QueryCompletion *qc)
+{
+	volatile Oid target = InvalidOid;
+
+	if (EventboxShared != NULL)
+		target = eventbox_utility_target(pstmt->utilityStmt);
+	if (OidIsValid(target) && target != MyDatabaseId)
+		EventboxStopWorker(target);
+
+	PG_TRY();
+	{
+		if (prev_process_utility)
+			prev_process_utility(pstmt, queryString, readOnlyTree, context,
+								 params, queryEnv, dest, qc);
+		else
+			standard_ProcessUtility(pstmt, queryString, readOnlyTree, context,
+									params, queryEnv, dest, qc);
+	}
+	PG_FINALLY();
+	{
+		if (OidIsValid(target) && target != MyDatabaseId)
+			EventboxReleaseDatabase(target);
+	}
+	PG_END_TRY();
+}
+
+/*
+ * eventbox._register() tells the launcher that this database has the
+ * extension; the install script calls it so that CREATE EXTENSION gets a
+ * worker without a restart.  A no-op without shared_preload_libraries.
+ */
+Datum
+eventbox_register(PG_FUNCTION_ARGS)
+{
+	EventboxRegisterDatabase();
+	PG_RETURN_BOOL(EventboxShared != NULL);
 }
 
 /*

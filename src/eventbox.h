@@ -16,8 +16,44 @@
 
 #include "postgres.h"
 
+#include "datatype/timestamp.h"
 #include "executor/spi.h"
+#include "storage/spin.h"
 #include "utils/uuid.h"
+
+/*
+ * What the launcher knows of one database.  A slot is WANTED when the
+ * database has the extension (it registered itself or a probe found it),
+ * ABSENT when a probe found no extension, DROPPING while DROP DATABASE
+ * waits for its worker to leave.
+ */
+typedef enum EventboxSlotState
+{
+	EB_SLOT_UNKNOWN = 0,
+	EB_SLOT_WANTED,
+	EB_SLOT_ABSENT,
+	EB_SLOT_DROPPING
+} EventboxSlotState;
+
+typedef struct EventboxDbSlot
+{
+	Oid			dboid;			/* InvalidOid: free slot */
+	EventboxSlotState state;
+	pid_t		worker_pid;		/* 0 if none */
+	int			worker_procno;	/* -1 if none */
+	TimestampTz probed_at;		/* when the state was last settled */
+} EventboxDbSlot;
+
+typedef struct EventboxSharedState
+{
+	slock_t		mutex;			/* protects everything below */
+	pid_t		launcher_pid;
+	int			launcher_procno;
+	int			nslots;
+	EventboxDbSlot slots[FLEXIBLE_ARRAY_MEMBER];
+} EventboxSharedState;
+
+extern EventboxSharedState *EventboxShared;
 
 /* Settings (eventbox.c) */
 extern char *eventbox_subscription;
@@ -27,6 +63,11 @@ extern char *eventbox_causation_id;
 extern int	eventbox_dedupe_window;
 extern int	eventbox_max_payload_size;
 extern int	eventbox_max_claim_size;
+extern bool eventbox_enabled;
+extern char *eventbox_databases;
+extern int	eventbox_naptime;
+extern int	eventbox_batch_size;
+extern int	eventbox_max_databases;
 
 /* Longest event type, in bytes. */
 #define EVENTBOX_MAX_TYPE_LEN 255
@@ -34,6 +75,21 @@ extern int	eventbox_max_claim_size;
 /* eventbox.c */
 extern SPIPlanPtr EventboxPreparePlan(const char *sql, int nargs, Oid *argtypes);
 extern void EventboxRandomBytes(void *buf, size_t len);
+
+/* shmem.c */
+extern void EventboxShmemInit(void);
+extern void EventboxNotePublished(void);
+extern void EventboxWakeWorker(Oid dboid);
+extern void EventboxWakeLauncher(void);
+extern EventboxDbSlot *EventboxSlot(Oid dboid, bool create);
+
+/* launcher.c, worker.c */
+extern void EventboxRegisterLauncher(void);
+extern PGDLLEXPORT void EventboxLauncherMain(Datum main_arg);
+extern PGDLLEXPORT void EventboxWorkerMain(Datum main_arg);
+extern void EventboxStopWorker(Oid dboid);
+extern void EventboxReleaseDatabase(Oid dboid);
+extern void EventboxRegisterDatabase(void);
 
 /* publish.c */
 extern void EventboxGenerateUuidV7(pg_uuid_t *uuid);

@@ -29,6 +29,7 @@
 #include "utils/fmgrprotos.h"
 #include "utils/json.h"
 #include "utils/jsonb.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 #include "utils/xid8.h"
 
@@ -204,7 +205,8 @@ publish_context_headers(Jsonb *headers)
  * publish_dedupe takes the transaction-level lock of a dedupe key and
  * returns the id of an event published with that key inside the dedupe
  * window, or 0.  The lock makes a concurrent publisher of the same key wait
- * until we commit or roll back; under READ COMMITTED it then sees our event.
+ * until we commit or roll back; it then sees our event, whatever its
+ * isolation level.
  */
 static int64
 publish_dedupe(text *key)
@@ -233,7 +235,15 @@ publish_dedupe(text *key)
 	}
 	values[0] = PointerGetDatum(key);
 	values[1] = Int32GetDatum(eventbox_dedupe_window);
-	rc = SPI_execute_plan(publish_dedupe_plan, values, NULL, false, 1);
+
+	/*
+	 * Look with the latest snapshot, not the transaction's: under REPEATABLE
+	 * READ the transaction snapshot predates the commit we waited for.
+	 */
+	CommandCounterIncrement();
+	rc = SPI_execute_snapshot(publish_dedupe_plan, values, NULL,
+							  GetLatestSnapshot(), InvalidSnapshot,
+							  false, false, 1);
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "eventbox: dedupe lookup failed: %s", SPI_result_code_string(rc));
 	if (SPI_processed > 0)
@@ -335,6 +345,7 @@ publish(PG_FUNCTION_ARGS)
 	}
 
 	SPI_finish();
+	EventboxNotePublished();
 	PG_RETURN_INT64(id);
 }
 
@@ -638,6 +649,7 @@ publish_batch(PG_FUNCTION_ARGS)
 				ids[i] = pairs[k++].id;
 	}
 	SPI_finish();
+	EventboxNotePublished();
 
 	for (i = 0; i < n; i++)
 	{

@@ -1,0 +1,343 @@
+/*-------------------------------------------------------------------------
+ *
+ * worker.c
+ *	  The database worker: forwards events of push subscriptions as
+ *	  notifications, wakes pull consumers and runs the lease and retry timers.
+ *
+ * One worker serves one database.  It sleeps on its latch, which a
+ * publishing transaction sets when it commits, and on a timer for due
+ * retries, delayed events and lease expiry (eventbox.naptime at most).  Each
+ * cycle is one transaction calling eventbox._deliver(); notifications are
+ * sent at its commit, together with the cursor moves that they report, so a
+ * cycle that fails (a full notification queue, a lock timeout) rolls back
+ * whole, is logged once and is retried with backoff: nothing is lost.
+ *
+ * The worker exits when the extension is dropped, on SIGTERM, and while its
+ * database is being dropped (see EventboxStopWorker); a crash brings the
+ * launcher back, which starts the worker again.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <signal.h>
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "commands/dbcommands.h"
+#include "commands/extension.h"
+#include "eventbox.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/proc.h"
+#include "tcop/tcopprot.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+/* the longest backoff after failed cycles, in milliseconds */
+#define WORKER_MAX_BACKOFF_MS 10000
+
+static SPIPlanPtr worker_plan = NULL;
+static Oid	worker_dboid = InvalidOid;
+static char *worker_dbname = NULL;
+
+static void
+worker_detach(int code, Datum arg)
+{
+	EventboxDbSlot *slot;
+
+	SpinLockAcquire(&EventboxShared->mutex);
+	slot = EventboxSlot(worker_dboid, false);
+	if (slot != NULL && slot->worker_pid == MyProcPid)
+	{
+		slot->worker_pid = 0;
+		slot->worker_procno = -1;
+	}
+	SpinLockRelease(&EventboxShared->mutex);
+	EventboxWakeLauncher();
+}
+
+/*
+ * worker_set_state records what this worker learned about its database.
+ */
+static void
+worker_set_state(EventboxSlotState state)
+{
+	EventboxDbSlot *slot;
+
+	SpinLockAcquire(&EventboxShared->mutex);
+	slot = EventboxSlot(worker_dboid, false);
+	if (slot != NULL && slot->state != EB_SLOT_DROPPING)
+	{
+		slot->state = state;
+		slot->probed_at = GetCurrentTimestamp();
+	}
+	SpinLockRelease(&EventboxShared->mutex);
+}
+
+/*
+ * worker_cycle runs one delivery cycle in its own transaction.  Returns
+ * false if it failed (the transaction was rolled back); *installed tells
+ * whether the extension exists; *next_due is when a retry, a delayed event
+ * or a lease expiry comes due next (0 if none).
+ */
+static bool
+worker_cycle(bool *installed, TimestampTz *next_due, int failures)
+{
+	MemoryContext outer = CurrentMemoryContext;
+	volatile bool ok = true;
+
+	*next_due = 0;
+	*installed = true;
+	PG_TRY();
+	{
+		SetCurrentStatementStartTimestamp();
+		StartTransactionCommand();
+		PushActiveSnapshot(GetTransactionSnapshot());
+
+		if (!OidIsValid(get_extension_oid("eventbox", true)))
+			*installed = false;
+		else
+		{
+			Datum		arg = Int32GetDatum(eventbox_batch_size);
+			bool		isnull;
+			Datum		due;
+
+			if (SPI_connect() != SPI_OK_CONNECT)
+				elog(ERROR, "eventbox: SPI_connect failed");
+			if (worker_plan == NULL)
+			{
+				Oid			types[1] = {INT4OID};
+
+				worker_plan = EventboxPreparePlan("SELECT eventbox._deliver($1)", 1, types);
+			}
+			pgstat_report_activity(STATE_RUNNING, "delivering events");
+			if (SPI_execute_plan(worker_plan, &arg, NULL, false, 1) != SPI_OK_SELECT)
+				elog(ERROR, "eventbox: delivery cycle failed");
+			due = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+			if (!isnull)
+				*next_due = DatumGetTimestampTz(due);
+			SPI_finish();
+		}
+		PopActiveSnapshot();
+		CommitTransactionCommand();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(outer);
+		edata = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		if (failures == 0)
+			ereport(LOG,
+					(errmsg("eventbox worker cycle failed: %s", edata->message),
+					 errdetail("The cycle was rolled back and is retried with backoff; no event is lost.")));
+		FreeErrorData(edata);
+		ok = false;
+	}
+	PG_END_TRY();
+
+	pgstat_report_stat(false);
+	pgstat_report_activity(STATE_IDLE, NULL);
+	return ok;
+}
+
+/*
+ * EventboxWorkerMain is a database worker's main loop.
+ */
+void
+EventboxWorkerMain(Datum main_arg)
+{
+	EventboxDbSlot *slot;
+	MemoryContext cyclectx;
+	int			failures = 0;
+	bool		served = false;
+
+	worker_dboid = DatumGetObjectId(main_arg);
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
+	BackgroundWorkerUnblockSignals();
+	BackgroundWorkerInitializeConnectionByOid(worker_dboid, InvalidOid, 0);
+	pgstat_report_appname("eventbox worker");
+
+	SpinLockAcquire(&EventboxShared->mutex);
+	slot = EventboxSlot(worker_dboid, true);
+	if (slot == NULL || slot->state == EB_SLOT_DROPPING ||
+		(slot->worker_pid != 0 && slot->worker_pid != MyProcPid &&
+		 kill(slot->worker_pid, 0) == 0))
+	{
+		SpinLockRelease(&EventboxShared->mutex);
+		proc_exit(0);
+	}
+	slot->worker_pid = MyProcPid;
+	slot->worker_procno = MyProc->pgprocno;
+	SpinLockRelease(&EventboxShared->mutex);
+	before_shmem_exit(worker_detach, 0);
+
+	StartTransactionCommand();
+	{
+		char	   *name = get_database_name(worker_dboid);
+
+		worker_dbname = MemoryContextStrdup(TopMemoryContext, name ? name : "?");
+	}
+	CommitTransactionCommand();
+
+	/* never wait long behind a consumer's lock */
+	SetConfigOption("lock_timeout", "5s", PGC_SUSET, PGC_S_OVERRIDE);
+
+	cyclectx = AllocSetContextCreate(TopMemoryContext, "eventbox worker cycle",
+									 ALLOCSET_DEFAULT_SIZES);
+
+	while (!ShutdownRequestPending)
+	{
+		MemoryContext old;
+		bool		installed;
+		bool		ok;
+		TimestampTz next_due;
+		long		timeout;
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+		if (!eventbox_enabled)
+			break;
+
+		old = MemoryContextSwitchTo(cyclectx);
+		ok = worker_cycle(&installed, &next_due, failures);
+		MemoryContextSwitchTo(old);
+		MemoryContextReset(cyclectx);
+
+		if (!installed)
+		{
+			worker_set_state(EB_SLOT_ABSENT);
+			break;
+		}
+		if (!served)
+		{
+			worker_set_state(EB_SLOT_WANTED);
+			ereport(LOG, (errmsg("eventbox worker serving database \"%s\"",
+								 worker_dbname)));
+			served = true;
+		}
+
+		if (ok)
+		{
+			if (failures > 0)
+				ereport(LOG,
+						(errmsg("eventbox worker cycle succeeded again after %d failed attempts",
+								failures)));
+			failures = 0;
+			timeout = eventbox_naptime;
+			if (next_due != 0)
+			{
+				long		secs;
+				int			usecs;
+
+				TimestampDifference(GetCurrentTimestamp(), next_due, &secs, &usecs);
+				timeout = Min(timeout, secs * 1000 + usecs / 1000 + 1);
+			}
+		}
+		else
+		{
+			failures++;
+			timeout = Min((long) WORKER_MAX_BACKOFF_MS, 50L << Min(failures, 10));
+		}
+
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 Max(timeout, 1), PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+	}
+	proc_exit(0);
+}
+
+/*
+ * EventboxStopWorker makes the worker of a database leave it and keeps it
+ * away until EventboxReleaseDatabase; used around DROP DATABASE and other
+ * commands that need the database to themselves.  Waits up to five seconds
+ * for the worker to exit.
+ */
+void
+EventboxStopWorker(Oid dboid)
+{
+	EventboxDbSlot *slot;
+	pid_t		pid = 0;
+	int			i;
+
+	if (EventboxShared == NULL)
+		return;
+	SpinLockAcquire(&EventboxShared->mutex);
+	slot = EventboxSlot(dboid, true);
+	if (slot != NULL)
+	{
+		slot->state = EB_SLOT_DROPPING;
+		pid = slot->worker_pid;
+	}
+	SpinLockRelease(&EventboxShared->mutex);
+	if (pid == 0)
+		return;
+
+	kill(pid, SIGTERM);
+	for (i = 0; i < 500; i++)
+	{
+		bool		gone;
+
+		CHECK_FOR_INTERRUPTS();
+		SpinLockAcquire(&EventboxShared->mutex);
+		slot = EventboxSlot(dboid, false);
+		gone = (slot == NULL || slot->worker_pid != pid);
+		SpinLockRelease(&EventboxShared->mutex);
+		if (gone)
+			return;
+		pg_usleep(10 * 1000L);
+	}
+}
+
+/*
+ * EventboxReleaseDatabase lets the launcher serve a database again after
+ * EventboxStopWorker (for example when DROP DATABASE failed).
+ */
+void
+EventboxReleaseDatabase(Oid dboid)
+{
+	EventboxDbSlot *slot;
+
+	if (EventboxShared == NULL)
+		return;
+	SpinLockAcquire(&EventboxShared->mutex);
+	slot = EventboxSlot(dboid, false);
+	if (slot != NULL && slot->state == EB_SLOT_DROPPING)
+		slot->state = EB_SLOT_UNKNOWN;
+	SpinLockRelease(&EventboxShared->mutex);
+	EventboxWakeLauncher();
+}
+
+/*
+ * EventboxRegisterDatabase marks the current database as having the
+ * extension and wakes the launcher; CREATE EXTENSION calls it through
+ * eventbox._register().
+ */
+void
+EventboxRegisterDatabase(void)
+{
+	EventboxDbSlot *slot;
+
+	if (EventboxShared == NULL)
+		return;
+	SpinLockAcquire(&EventboxShared->mutex);
+	slot = EventboxSlot(MyDatabaseId, true);
+	if (slot != NULL && slot->state != EB_SLOT_DROPPING)
+		slot->state = EB_SLOT_WANTED;
+	SpinLockRelease(&EventboxShared->mutex);
+	EventboxWakeLauncher();
+}
