@@ -225,7 +225,11 @@ AS $$
 	FROM (SELECT LEAST(cap, base * power(2, LEAST(attempt - 1, 40))::float8) AS d) s
 $$;
 
-CREATE FUNCTION eventbox._sub(name text)
+-- Look up a subscription.  Consumer functions (fallback => true) take NULL
+-- to mean the setting eventbox.subscription; management functions never
+-- do, so that a session's consumer default cannot drop or change a
+-- subscription by accident.
+CREATE FUNCTION eventbox._sub(name text, fallback boolean DEFAULT true)
 RETURNS eventbox.subscriptions
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -233,6 +237,9 @@ AS $$
 DECLARE
 	s eventbox.subscriptions;
 BEGIN
+	IF name IS NULL AND NOT fallback THEN
+		RAISE EXCEPTION 'name must not be null' USING ERRCODE = 'null_value_not_allowed';
+	END IF;
 	IF name IS NULL THEN
 		name := pg_catalog.current_setting('eventbox.subscription', true);
 		IF name IS NULL OR name = '' THEN
@@ -619,7 +626,7 @@ AS $$
 DECLARE
 	s eventbox.subscriptions;
 BEGIN
-	s := eventbox._sub(name);
+	s := eventbox._sub(name, false);
 	PERFORM FROM eventbox.subscriptions WHERE sub_id = s.sub_id FOR UPDATE;
 	IF ordering IS NOT NULL AND ordering IS DISTINCT FROM s.ordering THEN
 		RAISE EXCEPTION 'cannot change the ordering of subscription "%"', s.name
@@ -655,7 +662,7 @@ AS $$
 DECLARE
 	s eventbox.subscriptions;
 BEGIN
-	s := eventbox._sub(name);
+	s := eventbox._sub(name, false);
 	DELETE FROM eventbox.subscriptions WHERE sub_id = s.sub_id;
 END
 $$;
@@ -667,7 +674,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
 	UPDATE eventbox.subscriptions SET paused = true
-	WHERE sub_id = (eventbox._sub(pause.name)).sub_id;
+	WHERE sub_id = (eventbox._sub(pause.name, false)).sub_id;
 END
 $$;
 
@@ -678,7 +685,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
 	UPDATE eventbox.subscriptions SET paused = false
-	WHERE sub_id = (eventbox._sub(resume.name)).sub_id;
+	WHERE sub_id = (eventbox._sub(resume.name, false)).sub_id;
 END
 $$;
 

@@ -775,7 +775,8 @@ claim_common(FunctionCallInfo fcinfo, bool for_worker)
 				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
 				 errmsg("n must be at most %d, got %d", eventbox_max_claim_size, n),
 				 errhint("Claim in smaller batches or raise eventbox.max_claim_size.")));
-	if (!PG_ARGISNULL(2))
+	/* the worker's entry point has no lease argument */
+	if (PG_NARGS() > 2 && !PG_ARGISNULL(2))
 	{
 		Interval	zero;
 
