@@ -50,7 +50,14 @@ CREATE SEQUENCE eventbox.log_id_seq AS bigint;
 -- The log.  Rows are inserted by publish and never updated.  txid is the
 -- publishing transaction's top-level xid: consumers decide what they see by
 -- snapshot difference on it, never by "id > last id".
+--
+-- The log is a ring of three partitions.  Publishers insert into the
+-- current one (eventbox.rotation.cur); the worker moves "current" on and
+-- reclaims a partition by TRUNCATE once every subscription has consumed
+-- everything in it and retention allows (see eventbox._rotate), so storage
+-- is never reclaimed by DELETE and VACUUM.
 CREATE TABLE eventbox.log (
+	part			smallint NOT NULL,
 	id				bigint NOT NULL,
 	txid			xid8 NOT NULL,
 	event_id		uuid NOT NULL,
@@ -62,10 +69,14 @@ CREATE TABLE eventbox.log (
 	occurred_at		timestamptz NOT NULL,
 	deliver_at		timestamptz,
 	dedupe_key		text
-);
-ALTER TABLE eventbox.log SET (fillfactor = 100, autovacuum_enabled = true);
+) PARTITION BY LIST (part);
+CREATE TABLE eventbox.log_0 PARTITION OF eventbox.log FOR VALUES IN (0);
+CREATE TABLE eventbox.log_1 PARTITION OF eventbox.log FOR VALUES IN (1);
+CREATE TABLE eventbox.log_2 PARTITION OF eventbox.log FOR VALUES IN (2);
 CREATE INDEX log_txid_id_idx ON eventbox.log (txid, id);
-CREATE UNIQUE INDEX log_id_idx ON eventbox.log (id);
+-- ids come from a sequence, so they are unique without a unique index
+-- (which a partitioned table could only have together with part)
+CREATE INDEX log_id_idx ON eventbox.log (id);
 CREATE INDEX log_aggregate_idx ON eventbox.log (aggregate_type, aggregate_id, id)
 	WHERE aggregate_id IS NOT NULL;
 CREATE INDEX log_dedupe_idx ON eventbox.log (dedupe_key)
@@ -73,6 +84,15 @@ CREATE INDEX log_dedupe_idx ON eventbox.log (dedupe_key)
 -- Lets the worker find when the next delayed event comes due.
 CREATE INDEX log_deliver_at_idx ON eventbox.log (deliver_at)
 	WHERE deliver_at IS NOT NULL;
+
+-- Which partition publishers write to, and when it became current.
+CREATE TABLE eventbox.rotation (
+	one				boolean PRIMARY KEY DEFAULT true CHECK (one),
+	cur				smallint NOT NULL DEFAULT 0 CHECK (cur BETWEEN 0 AND 2),
+	switched_at		timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	checked_at		timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+INSERT INTO eventbox.rotation DEFAULT VALUES;
 
 CREATE TABLE eventbox.subscriptions (
 	sub_id			int GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -885,10 +905,12 @@ $$;
 -- Events of a lane not yet handed out by its cursor: visible now, not
 -- visible in the cursor snapshot, and not behind the position in the
 -- current window (an id for ordered lanes, (txid, id) otherwise).
+-- No SET clause, so that the planner can inline it (an EXISTS over it stops
+-- at the first row); it is only called from functions that fix
+-- search_path themselves.
 CREATE FUNCTION eventbox._pending(s eventbox.subscriptions)
 RETURNS SETOF eventbox.log
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
 	SELECT l.*
 	FROM eventbox.cursors c
@@ -1139,21 +1161,100 @@ BEGIN
 END
 $$;
 
--- Whether a pull subscription has events a claim would return now.
-CREATE FUNCTION eventbox._has_due(s eventbox.subscriptions, t timestamptz)
+-- Whether partition k holds events and none of them is still needed.  The
+-- newest event's age is read from its highest id, an index probe.
+-- PL/pgSQL rather than SQL so that its statements' plans are kept.
+CREATE FUNCTION eventbox._part_reclaimable(k int, retention interval)
 RETURNS boolean
-LANGUAGE sql STABLE
+LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
-	SELECT EXISTS (SELECT FROM eventbox._pending(s) p
-				   WHERE p.deliver_at IS NULL OR p.deliver_at <= t
-				   LIMIT 1)
-		OR EXISTS (SELECT FROM eventbox.retries r
-				   WHERE r.sub_id = s.sub_id AND r.next_attempt_at <= t)
+DECLARE
+	newest timestamptz;
+BEGIN
+	SELECT l.occurred_at INTO newest FROM eventbox.log l
+	WHERE l.part = k ORDER BY l.id DESC LIMIT 1;
+	IF newest IS NULL OR newest > clock_timestamp() - retention THEN
+		RETURN false;
+	END IF;
+	IF EXISTS (SELECT FROM eventbox.cursors c
+			   WHERE EXISTS (SELECT FROM eventbox.log l
+							 WHERE l.part = k
+							   AND l.txid >= pg_snapshot_xmin(c.snap)
+							   AND NOT pg_visible_in_snapshot(l.txid, c.snap))) THEN
+		RETURN false;
+	END IF;
+	IF EXISTS (SELECT FROM eventbox.retries r
+			   JOIN eventbox.log l ON l.id = r.id AND l.part = k) THEN
+		RETURN false;
+	END IF;
+	RETURN NOT EXISTS (SELECT FROM eventbox.batches b
+					   CROSS JOIN LATERAL unnest(b.ids) AS u(id)
+					   JOIN eventbox.log l ON l.id = u.id AND l.part = k);
+END
 $$;
 
+-- Storage rotation, run by the worker at most once a second.  A partition
+-- other than the current one is truncated when
+--   * every lane cursor of every subscription has consumed every
+--     transaction in it (each txid is visible in the cursor's snapshot),
+--   * no in-flight batch and no retry still refers to one of its events
+--     (dead letters keep their own copy), and
+--   * its newest event is older than eventbox.retention.
+-- The partition is locked first, under a short lock timeout and in a
+-- subtransaction, and the conditions are checked again under the lock, so
+-- no insert can slip in between; if the lock is not granted at once the
+-- partition simply waits for the next round and publishers, who only write
+-- to the current partition, never wait behind it.  The current partition
+-- moves on when it has been current for eventbox.rotation_period and the
+-- next one is empty.  Returns what it did, for the log and the tests.
+CREATE FUNCTION eventbox._rotate(retention interval, period interval)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	r eventbox.rotation;
+	k int;
+	nxt int;
+	rel text;
+	done text := '';
+BEGIN
+	SELECT * INTO r FROM eventbox.rotation FOR UPDATE;
+	FOR k IN SELECT g FROM generate_series(0, 2) g WHERE g <> r.cur LOOP
+		rel := 'eventbox.log_' || k;
+		CONTINUE WHEN NOT eventbox._part_reclaimable(k, retention);
+		BEGIN
+			SET LOCAL lock_timeout = '20ms';
+			EXECUTE 'LOCK TABLE ' || rel || ' IN ACCESS EXCLUSIVE MODE';
+			-- again under the lock: now no insert can be in progress
+			IF eventbox._part_reclaimable(k, retention) THEN
+				EXECUTE 'TRUNCATE ' || rel;
+				done := done || ' truncated ' || rel;
+			END IF;
+		EXCEPTION WHEN lock_not_available THEN
+			done := done || ' busy ' || rel;
+		END;
+		SET LOCAL lock_timeout = '5s';
+	END LOOP;
+
+	nxt := (r.cur + 1) % 3;
+	IF r.switched_at <= clock_timestamp() - period
+	   AND NOT EXISTS (SELECT FROM eventbox.log l WHERE l.part = nxt) THEN
+		UPDATE eventbox.rotation SET cur = nxt, switched_at = clock_timestamp(),
+									 checked_at = clock_timestamp();
+		done := done || ' current log_' || nxt;
+	ELSE
+		UPDATE eventbox.rotation SET checked_at = clock_timestamp();
+	END IF;
+	RETURN ltrim(done);
+END
+$$;
+
+
 -- One worker cycle: expire leases, forward push subscriptions' events as
--- notifications, wake pull subscriptions that have due events.  Returns
+-- notifications, wake pull subscriptions that have due events.  (The
+-- worker rotates the log in a transaction of its own, once a second.)  Returns
 -- when something comes due next (a retry, a lease, a delayed event).
 CREATE FUNCTION eventbox._deliver(batch int)
 RETURNS timestamptz
@@ -1189,7 +1290,12 @@ BEGIN
 	FOR s IN SELECT * FROM eventbox.subscriptions
 			 WHERE mode = 'pull' AND notify <> 'none' AND NOT paused ORDER BY sub_id
 	LOOP
-		IF eventbox._has_due(s, t) THEN
+		-- written out here rather than as a function so that PL/pgSQL
+		-- keeps its plan across cycles
+		IF EXISTS (SELECT FROM eventbox._pending(s) p
+				   WHERE p.deliver_at IS NULL OR p.deliver_at <= t)
+		   OR EXISTS (SELECT FROM eventbox.retries r
+					  WHERE r.sub_id = s.sub_id AND r.next_attempt_at <= t) THEN
 			wake := CASE s.notify
 						WHEN 'wakeup' THEN jsonb_build_object('subscription', s.name,
 															  'wakeup', true)::text

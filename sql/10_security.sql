@@ -165,13 +165,19 @@ SELECT count(*) AS functions_with_default_acl FROM pg_proc
 WHERE pronamespace = 'eventbox'::regnamespace AND proacl IS NULL;
 
 -- every SECURITY DEFINER function, and every SQL or PL/pgSQL function,
--- pins its search_path to pg_catalog, pg_temp
+-- pins its search_path to pg_catalog, pg_temp -- except _pending, which
+-- must stay inlinable (a SET clause prevents inlining); it is granted to
+-- nobody, is not SECURITY DEFINER, and is only called from functions that
+-- pin search_path themselves
 SELECT p.proname, p.prosecdef, l.lanname, p.proconfig
 FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
 WHERE p.pronamespace = 'eventbox'::regnamespace
   AND (p.prosecdef OR l.lanname <> 'c')
   AND (p.proconfig IS NULL OR NOT 'search_path=pg_catalog, pg_temp' = ANY (p.proconfig))
 ORDER BY 1;
+SELECT proname, prosecdef, proacl FROM pg_proc
+WHERE pronamespace = 'eventbox'::regnamespace AND proconfig IS NULL
+  AND prolang <> (SELECT oid FROM pg_language WHERE lanname = 'c');
 SELECT count(*) AS security_definer_functions,
 	   count(*) FILTER (WHERE 'search_path=pg_catalog, pg_temp' = ANY (proconfig)) AS with_search_path
 FROM pg_proc WHERE pronamespace = 'eventbox'::regnamespace AND prosecdef;

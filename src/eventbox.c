@@ -45,6 +45,8 @@ char	   *eventbox_databases = NULL;
 int			eventbox_naptime = 1000;
 int			eventbox_batch_size = 1000;
 int			eventbox_max_databases = 64;
+int			eventbox_retention = 3600;
+int			eventbox_rotation_period = 60;
 
 static void eventbox_process_utility(PlannedStmt *pstmt, const char *queryString,
 									 bool readOnlyTree, ProcessUtilityContext context,
@@ -166,6 +168,28 @@ _PG_init(void)
 							100000,
 							PGC_SIGHUP,
 							0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("eventbox.retention",
+							"Sets how long consumed events stay in the log.",
+							"A log partition is reclaimed only when all subscriptions have consumed it and its newest event is older than this; eventbox.event() and eventbox.timeline() see events this long.",
+							&eventbox_retention,
+							3600,
+							0,
+							INT_MAX,
+							PGC_SIGHUP,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("eventbox.rotation_period",
+							"Sets how long publishers write to one log partition before the worker moves them to the next.",
+							NULL,
+							&eventbox_rotation_period,
+							60,
+							1,
+							INT_MAX,
+							PGC_SIGHUP,
+							GUC_UNIT_S,
 							NULL, NULL, NULL);
 
 	DefineCustomIntVariable("eventbox.max_databases",

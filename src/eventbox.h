@@ -68,6 +68,8 @@ extern char *eventbox_databases;
 extern int	eventbox_naptime;
 extern int	eventbox_batch_size;
 extern int	eventbox_max_databases;
+extern int	eventbox_retention;
+extern int	eventbox_rotation_period;
 
 /* Longest event type, in bytes. */
 #define EVENTBOX_MAX_TYPE_LEN 255

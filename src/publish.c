@@ -3,8 +3,9 @@
  * publish.c
  *	  The producer side: publish, publish_batch and UUIDv7 event ids.
  *
- * Publishing is one insert into the append-only log inside the caller's
- * transaction, stamped with the transaction's top-level xid so that
+ * Publishing is one insert into the current partition of the append-only
+ * log inside the caller's transaction, stamped with the transaction's
+ * top-level xid so that
  * consumers can order and split the log by snapshots (see consume.c).
  * Nothing is notified here: NOTIFY would serialize publishers at commit.
  *
@@ -312,10 +313,11 @@ publish(PG_FUNCTION_ARGS)
 			JSONBOID, JSONBOID, TIMESTAMPTZOID, TIMESTAMPTZOID, TEXTOID};
 
 			publish_insert_plan = EventboxPreparePlan(
-													  "INSERT INTO eventbox.log (id, txid, event_id, event_type,"
+													  "INSERT INTO eventbox.log (part, id, txid, event_id, event_type,"
 													  " aggregate_type, aggregate_id, payload, headers, occurred_at,"
 													  " deliver_at, dedupe_key)"
-													  " VALUES (pg_catalog.nextval('eventbox.log_id_seq'::pg_catalog.regclass),"
+													  " VALUES ((SELECT cur FROM eventbox.rotation),"
+													  " pg_catalog.nextval('eventbox.log_id_seq'::pg_catalog.regclass),"
 													  " $1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
 													  10, types);
 		}
@@ -599,10 +601,11 @@ publish_batch(PG_FUNCTION_ARGS)
 			JSONBARRAYOID, TIMESTAMPTZARRAYOID, TEXTARRAYOID};
 
 			publish_batch_plan = EventboxPreparePlan(
-													 "INSERT INTO eventbox.log (id, txid, event_id, event_type,"
+													 "INSERT INTO eventbox.log (part, id, txid, event_id, event_type,"
 													 " aggregate_type, aggregate_id, payload, headers, occurred_at,"
 													 " deliver_at, dedupe_key)"
-													 " SELECT pg_catalog.nextval('eventbox.log_id_seq'::pg_catalog.regclass),"
+													 " SELECT (SELECT cur FROM eventbox.rotation),"
+													 " pg_catalog.nextval('eventbox.log_id_seq'::pg_catalog.regclass),"
 													 " $1, e.u, e.t, e.at, e.aid, e.p, e.h, $2, e.d, e.k"
 													 " FROM ROWS FROM (pg_catalog.unnest($3), pg_catalog.unnest($4),"
 													 " pg_catalog.unnest($5), pg_catalog.unnest($6), pg_catalog.unnest($7),"

@@ -7,7 +7,9 @@
  * One worker serves one database.  It sleeps on its latch, which a
  * publishing transaction sets when it commits, and on a timer for due
  * retries, delayed events and lease expiry (eventbox.naptime at most).  Each
- * cycle is one transaction calling eventbox._deliver(); notifications are
+ * cycle is one transaction calling eventbox._deliver(); once a second a
+ * separate transaction calls eventbox._rotate() to reclaim log storage.
+ * Notifications are
  * sent at its commit, together with the cursor moves that they report, so a
  * cycle that fails (a full notification queue, a lock timeout) rolls back
  * whole, is logged once and is retried with backoff: nothing is lost.
@@ -44,6 +46,7 @@
 #define WORKER_MAX_BACKOFF_MS 10000
 
 static SPIPlanPtr worker_plan = NULL;
+static SPIPlanPtr rotate_plan = NULL;
 static Oid	worker_dboid = InvalidOid;
 static char *worker_dbname = NULL;
 
@@ -82,13 +85,14 @@ worker_set_state(EventboxSlotState state)
 }
 
 /*
- * worker_cycle runs one delivery cycle in its own transaction.  Returns
- * false if it failed (the transaction was rolled back); *installed tells
- * whether the extension exists; *next_due is when a retry, a delayed event
- * or a lease expiry comes due next (0 if none).
+ * worker_cycle runs one delivery cycle, or with `rotate` one log rotation
+ * step, in its own transaction.  Returns false if it failed (the
+ * transaction was rolled back); *installed tells whether the extension
+ * exists; *next_due is when a retry, a delayed event or a lease expiry
+ * comes due next (0 if none).
  */
 static bool
-worker_cycle(bool *installed, TimestampTz *next_due, int failures)
+worker_cycle(bool rotate, bool *installed, TimestampTz *next_due, int failures)
 {
 	MemoryContext outer = CurrentMemoryContext;
 	volatile bool ok = true;
@@ -105,24 +109,49 @@ worker_cycle(bool *installed, TimestampTz *next_due, int failures)
 			*installed = false;
 		else
 		{
-			Datum		arg = Int32GetDatum(eventbox_batch_size);
+			Datum		arg;
 			bool		isnull;
 			Datum		due;
 
 			if (SPI_connect() != SPI_OK_CONNECT)
 				elog(ERROR, "eventbox: SPI_connect failed");
-			if (worker_plan == NULL)
+			if (rotate)
 			{
-				Oid			types[1] = {INT4OID};
+				Datum		args[2];
 
-				worker_plan = EventboxPreparePlan("SELECT eventbox._deliver($1)", 1, types);
+				if (rotate_plan == NULL)
+				{
+					Oid			types[2] = {INT4OID, INT4OID};
+
+					rotate_plan = EventboxPreparePlan(
+													  "SELECT eventbox._rotate("
+													  "pg_catalog.make_interval(secs => $1),"
+													  " pg_catalog.make_interval(secs => $2))",
+													  2, types);
+				}
+				args[0] = Int32GetDatum(eventbox_retention);
+				args[1] = Int32GetDatum(eventbox_rotation_period);
+				pgstat_report_activity(STATE_RUNNING, "rotating the log");
+				if (SPI_execute_plan(rotate_plan, args, NULL, false, 1) != SPI_OK_SELECT)
+					elog(ERROR, "eventbox: rotation failed");
 			}
-			pgstat_report_activity(STATE_RUNNING, "delivering events");
-			if (SPI_execute_plan(worker_plan, &arg, NULL, false, 1) != SPI_OK_SELECT)
-				elog(ERROR, "eventbox: delivery cycle failed");
-			due = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-			if (!isnull)
-				*next_due = DatumGetTimestampTz(due);
+			else
+			{
+				if (worker_plan == NULL)
+				{
+					Oid			types[1] = {INT4OID};
+
+					worker_plan = EventboxPreparePlan("SELECT eventbox._deliver($1)",
+													  1, types);
+				}
+				arg = Int32GetDatum(eventbox_batch_size);
+				pgstat_report_activity(STATE_RUNNING, "delivering events");
+				if (SPI_execute_plan(worker_plan, &arg, NULL, false, 1) != SPI_OK_SELECT)
+					elog(ERROR, "eventbox: delivery cycle failed");
+				due = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+				if (!isnull)
+					*next_due = DatumGetTimestampTz(due);
+			}
 			SPI_finish();
 		}
 		PopActiveSnapshot();
@@ -160,6 +189,7 @@ EventboxWorkerMain(Datum main_arg)
 	MemoryContext cyclectx;
 	int			failures = 0;
 	bool		served = false;
+	TimestampTz last_rotation = 0;
 
 	worker_dboid = DatumGetObjectId(main_arg);
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
@@ -214,9 +244,25 @@ EventboxWorkerMain(Datum main_arg)
 			break;
 
 		old = MemoryContextSwitchTo(cyclectx);
-		ok = worker_cycle(&installed, &next_due, failures);
+		ok = worker_cycle(false, &installed, &next_due, failures);
 		MemoryContextSwitchTo(old);
 		MemoryContextReset(cyclectx);
+
+		/*
+		 * Rotation runs once a second, after the delivery transaction has
+		 * committed, so that it never delays a notification.
+		 */
+		if (ok && installed &&
+			TimestampDifferenceExceeds(last_rotation, GetCurrentTimestamp(), 1000))
+		{
+			TimestampTz ignored;
+
+			old = MemoryContextSwitchTo(cyclectx);
+			ok = worker_cycle(true, &installed, &ignored, failures);
+			MemoryContextSwitchTo(old);
+			MemoryContextReset(cyclectx);
+			last_rotation = GetCurrentTimestamp();
+		}
 
 		if (!installed)
 		{
