@@ -862,6 +862,20 @@ BEGIN
 		RAISE EXCEPTION 'subscription must not be null' USING ERRCODE = 'null_value_not_allowed';
 	END IF;
 	s := eventbox._sub(subscription);
+
+	-- An event whose log partition was reclaimed since it died comes back
+	-- into the current partition from the dead letter's copy, with its id,
+	-- event_id and txid.  Every cursor had consumed that txid (or the
+	-- partition would not have been reclaimed), so no other subscription
+	-- sees it again.
+	INSERT INTO eventbox.log (part, id, txid, event_id, event_type, aggregate_type,
+							  aggregate_id, payload, headers, occurred_at)
+	SELECT (SELECT cur FROM eventbox.rotation), d.id, d.txid, d.event_id, d.event_type,
+		   d.aggregate_type, d.aggregate_id, d.payload, d.headers, d.occurred_at
+	FROM eventbox.dead_letter_store d
+	WHERE d.sub_id = s.sub_id AND (ids IS NULL OR d.id = ANY(ids))
+	  AND NOT EXISTS (SELECT FROM eventbox.log l WHERE l.id = d.id);
+
 	WITH d AS (
 		DELETE FROM eventbox.dead_letter_store d
 		WHERE d.sub_id = s.sub_id AND (ids IS NULL OR d.id = ANY(ids))
@@ -954,12 +968,16 @@ DECLARE
 	st text := outbox.status;
 	sub text := outbox.subscription;
 BEGIN
-	IF st IS NULL OR st NOT IN ('pending', 'leased', 'retrying', 'dead') THEN
+	IF st IS NULL OR lim IS NULL THEN
+		RAISE EXCEPTION '% must not be null', CASE WHEN st IS NULL THEN 'status' ELSE 'lim' END
+			USING ERRCODE = 'null_value_not_allowed';
+	END IF;
+	IF st NOT IN ('pending', 'leased', 'retrying', 'dead') THEN
 		RAISE EXCEPTION 'invalid status "%"', st
 			USING ERRCODE = 'invalid_parameter_value',
 				  HINT = 'Valid statuses are "pending", "leased", "retrying" and "dead".';
 	END IF;
-	IF lim IS NULL OR lim < 1 THEN
+	IF lim < 1 THEN
 		RAISE EXCEPTION 'lim must be at least 1, got %', lim
 			USING ERRCODE = 'invalid_parameter_value';
 	END IF;
@@ -1078,11 +1096,12 @@ LANGUAGE plpgsql STABLE CALLED ON NULL INPUT SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-	IF aggregate_type IS NULL OR aggregate_id IS NULL THEN
-		RAISE EXCEPTION 'aggregate_type and aggregate_id must not be null'
+	IF aggregate_type IS NULL OR aggregate_id IS NULL OR lim IS NULL THEN
+		RAISE EXCEPTION '% must not be null',
+			CASE WHEN lim IS NULL THEN 'lim' ELSE 'aggregate_type and aggregate_id' END
 			USING ERRCODE = 'null_value_not_allowed';
 	END IF;
-	IF lim IS NULL OR lim < 1 THEN
+	IF lim < 1 THEN
 		RAISE EXCEPTION 'lim must be at least 1, got %', lim
 			USING ERRCODE = 'invalid_parameter_value';
 	END IF;
@@ -1267,6 +1286,7 @@ DECLARE
 	t timestamptz := clock_timestamp();
 	n int;
 	wake text;
+	more boolean := false;
 BEGIN
 	PERFORM eventbox._expire_leases(b.sub_id, t)
 	FROM (SELECT DISTINCT sub_id FROM eventbox.batches WHERE leased_until < t) b;
@@ -1281,6 +1301,9 @@ BEGIN
 				PERFORM pg_notify(s.channel, eventbox._message(d, s.notify, s.mode = 'push'));
 			END IF;
 		END LOOP;
+		IF n >= batch THEN
+			more := true;		-- a backlog: come back at once
+		END IF;
 		IF n > 0 AND s.notify = 'wakeup' THEN
 			PERFORM pg_notify(s.channel,
 							  jsonb_build_object('subscription', s.name, 'wakeup', true)::text);
@@ -1305,6 +1328,9 @@ BEGIN
 		END IF;
 	END LOOP;
 
+	IF more THEN
+		RETURN t;
+	END IF;
 	RETURN LEAST((SELECT min(next_attempt_at) FROM eventbox.retries
 				  WHERE next_attempt_at > t AND next_attempt_at <> 'infinity'),
 				 (SELECT min(leased_until) FROM eventbox.batches),

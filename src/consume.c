@@ -109,10 +109,11 @@ static SPIPlanPtr plan_snapshot = NULL;
 static SPIPlanPtr plan_delay = NULL;
 static SPIPlanPtr plan_batch = NULL;
 static SPIPlanPtr plan_cursor = NULL;
+static SPIPlanPtr plan_retry_done = NULL;
+static SPIPlanPtr plan_retry_orphans = NULL;
 static SPIPlanPtr plan_ack_find = NULL;
 static SPIPlanPtr plan_ack_delete = NULL;
 static SPIPlanPtr plan_ack_update = NULL;
-static SPIPlanPtr plan_ack_retries = NULL;
 
 /*
  * consume_exec runs a kept plan and checks its result code.
@@ -131,6 +132,20 @@ static Datum
 consume_col(int row, int col, bool *isnull)
 {
 	return SPI_getbinval(SPI_tuptable->vals[row], SPI_tuptable->tupdesc, col, isnull);
+}
+
+/*
+ * consume_int8_array makes an int8[] datum of n ids.
+ */
+static Datum
+consume_int8_array(const int64 *ids, int n)
+{
+	Datum	   *elems = palloc(sizeof(Datum) * Max(n, 1));
+	int			i;
+
+	for (i = 0; i < n; i++)
+		elems[i] = Int64GetDatum(ids[i]);
+	return PointerGetDatum(construct_array(elems, n, INT8OID, 8, true, TYPALIGN_DOUBLE));
 }
 
 /*
@@ -219,6 +234,54 @@ claim_emit(ClaimState *st, int row, int attempt)
 }
 
 /*
+ * claim_drop_orphans removes retry rows whose event is no longer in the
+ * log, which cannot happen through the API (rotation keeps every partition
+ * a retry refers to, and replay restores truncated events); if it happens
+ * anyway the row must not stay leased for ever, blocking an ordered lane.
+ */
+static void
+claim_drop_orphans(ClaimState *st, Datum ids)
+{
+	Datum		values[2];
+	uint64		i;
+
+	values[0] = Int32GetDatum(st->sub->sub_id);
+	values[1] = ids;
+	consume_exec(plan_retry_orphans, values, NULL, SPI_OK_DELETE_RETURNING,
+				 "orphan cleanup");
+	for (i = 0; i < SPI_processed; i++)
+	{
+		bool		isnull;
+
+		ereport(WARNING,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("event %lld of subscription \"%s\" is no longer in the log; its retry was dropped",
+						(long long) DatumGetInt64(consume_col((int) i, 1, &isnull)),
+						st->sub->name)));
+	}
+}
+
+/*
+ * claim_fetch_events reads the events of leased retries (an int8[] of
+ * `expected` ids) into the current SPI result, dropping retry rows whose
+ * event is gone.
+ */
+static void
+claim_fetch_events(ClaimState *st, Datum ids, int expected)
+{
+	consume_exec(plan_events, &ids, NULL, SPI_OK_SELECT, "event fetch");
+	if ((int) SPI_processed < expected)
+	{
+		SPITupleTable *saved = SPI_tuptable;
+		uint64		saved_n = SPI_processed;
+
+		claim_drop_orphans(st, ids);
+		SPI_tuptable = saved;
+		SPI_processed = saved_n;
+	}
+}
+
+/*
  * claim_retries_unordered leases due retries of an unordered subscription,
  * oldest due first, skipping rows other claims hold.
  */
@@ -271,7 +334,7 @@ claim_retries_unordered(ClaimState *st)
 
 	arr = construct_array(elems, n, INT8OID, 8, true, TYPALIGN_DOUBLE);
 	arg = PointerGetDatum(arr);
-	consume_exec(plan_events, &arg, NULL, SPI_OK_SELECT, "event fetch");
+	claim_fetch_events(st, arg, n);
 	for (i = 0; i < (int) SPI_processed; i++)
 	{
 		bool		isnull;
@@ -338,8 +401,7 @@ claim_retries_lane(ClaimState *st, int lane)
 		attempts[i] = DatumGetInt32(consume_col(i, 2, &isnull));
 	}
 
-	values[0] = PointerGetDatum(arr);
-	consume_exec(plan_events, values, NULL, SPI_OK_SELECT, "event fetch");
+	claim_fetch_events(st, PointerGetDatum(arr), take);
 	for (i = 0; i < (int) SPI_processed; i++)
 	{
 		bool		isnull;
@@ -538,19 +600,27 @@ claim_lane(ClaimState *st, int lane, HeapTuple cursor, TupleDesc cdesc)
 		windows++;
 	}
 
+	/*
+	 * push_once needs no lease: the retry rows (delayed events) it just
+	 * delivered are done with.
+	 */
+	if (st->no_lease && st->retry_count > 0)
+	{
+		Datum		values[2];
+
+		values[0] = Int32GetDatum(st->sub->sub_id);
+		values[1] = consume_int8_array(st->ids, st->nids);
+		consume_exec(plan_retry_done, values, NULL, SPI_OK_DELETE, "retry cleanup");
+	}
+
 	if (st->nids > 0 && !st->no_lease)
 	{
 		Datum		values[7];
-		Datum	   *elems = palloc(sizeof(Datum) * st->nids);
-		int			i;
 
-		for (i = 0; i < st->nids; i++)
-			elems[i] = Int64GetDatum(st->ids[i]);
 		values[0] = Int32GetDatum(st->sub->sub_id);
 		values[1] = Int32GetDatum(lane);
 		values[2] = UUIDPGetDatum(&st->lease);
-		values[3] = PointerGetDatum(construct_array(elems, st->nids, INT8OID, 8,
-													true, TYPALIGN_DOUBLE));
+		values[3] = consume_int8_array(st->ids, st->nids);
 		values[4] = Int32GetDatum(st->retry_count);
 		values[5] = TimestampTzGetDatum(st->now);
 		values[6] = TimestampTzGetDatum(st->leased_until);
@@ -675,6 +745,21 @@ consume_prepare_claim_plans(void)
 									  8, t_window);
 	plan_snapshot = EventboxPreparePlan("SELECT pg_catalog.pg_current_snapshot()",
 										0, NULL);
+	{
+		Oid			types[2] = {INT4OID, INT8ARRAYOID};
+
+		plan_retry_done = EventboxPreparePlan(
+											  "DELETE FROM eventbox.retries"
+											  " WHERE sub_id = $1 AND id = ANY($2)"
+											  " AND next_attempt_at = 'infinity'",
+											  2, types);
+		plan_retry_orphans = EventboxPreparePlan(
+												 "DELETE FROM eventbox.retries r"
+												 " WHERE r.sub_id = $1 AND r.id = ANY($2)"
+												 " AND NOT EXISTS (SELECT FROM eventbox.log l WHERE l.id = r.id)"
+												 " RETURNING r.id",
+												 2, types);
+	}
 	{
 		Oid			types[5] = {INT4OID, INT8OID, XID8OID, INT4OID, TIMESTAMPTZOID};
 
@@ -922,7 +1007,6 @@ consume_ack(text *subname, int64 *ids, int nids, Datum lease, bool lease_null)
 	ConsumeSub *sub;
 	Datum		values[3];
 	char		nulls[3] = "   ";
-	Datum	   *elems;
 	int			i;
 	int			nbatches;
 	int			acked = 0;
@@ -943,12 +1027,12 @@ consume_ack(text *subname, int64 *ids, int nids, Datum lease, bool lease_null)
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "eventbox: SPI_connect failed");
+	consume_prepare_claim_plans();	/* plan_retry_done */
 	if (plan_ack_find == NULL)
 	{
 		Oid			types[3] = {INT4OID, INT8ARRAYOID, UUIDOID};
 		Oid			t_upd[3] = {INT8OID, INT8ARRAYOID, INT4OID};
 		Oid			t_del[1] = {INT8OID};
-		Oid			t_ret[2] = {INT4OID, INT8ARRAYOID};
 
 		plan_ack_find = EventboxPreparePlan(
 											"SELECT batch_id, ids, retry_count FROM eventbox.batches"
@@ -963,11 +1047,6 @@ consume_ack(text *subname, int64 *ids, int nids, Datum lease, bool lease_null)
 		plan_ack_delete = EventboxPreparePlan(
 											  "DELETE FROM eventbox.batches WHERE batch_id = $1",
 											  1, t_del);
-		plan_ack_retries = EventboxPreparePlan(
-											   "DELETE FROM eventbox.retries"
-											   " WHERE sub_id = $1 AND id = ANY($2)"
-											   " AND next_attempt_at = 'infinity'",
-											   2, t_ret);
 	}
 
 	sub = consume_sub(subname, ctx);
@@ -977,12 +1056,8 @@ consume_ack(text *subname, int64 *ids, int nids, Datum lease, bool lease_null)
 		return 0;
 	}
 
-	elems = palloc(sizeof(Datum) * nids);
-	for (i = 0; i < nids; i++)
-		elems[i] = Int64GetDatum(ids[i]);
 	values[0] = Int32GetDatum(sub->sub_id);
-	values[1] = PointerGetDatum(construct_array(elems, nids, INT8OID, 8, true,
-												TYPALIGN_DOUBLE));
+	values[1] = consume_int8_array(ids, nids);
 	values[2] = lease;
 	nulls[2] = lease_null ? 'n' : ' ';
 	consume_exec(plan_ack_find, values, nulls, SPI_OK_SELECT, "batch lookup");
@@ -1028,7 +1103,7 @@ consume_ack(text *subname, int64 *ids, int nids, Datum lease, bool lease_null)
 			rvalues[0] = Int32GetDatum(sub->sub_id);
 			rvalues[1] = PointerGetDatum(construct_array(gone, ngone, INT8OID, 8,
 														 true, TYPALIGN_DOUBLE));
-			consume_exec(plan_ack_retries, rvalues, NULL, SPI_OK_DELETE, "retry cleanup");
+			consume_exec(plan_retry_done, rvalues, NULL, SPI_OK_DELETE, "retry cleanup");
 			retry_count -= (int32) SPI_processed;
 		}
 

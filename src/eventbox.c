@@ -37,7 +37,7 @@ char	   *eventbox_subscription = NULL;
 char	   *eventbox_actor = NULL;
 char	   *eventbox_correlation_id = NULL;
 char	   *eventbox_causation_id = NULL;
-int			eventbox_dedupe_window = 86400;
+int			eventbox_dedupe_window = 3600;
 int			eventbox_max_payload_size = 1024 * 1024;
 int			eventbox_max_claim_size = 10000;
 bool		eventbox_enabled = true;
@@ -99,9 +99,9 @@ _PG_init(void)
 
 	DefineCustomIntVariable("eventbox.dedupe_window",
 							"Sets how long a dedupe_key suppresses a second publish with the same key.",
-							NULL,
+							"Only events still in the log are found, so keep it within eventbox.retention.",
 							&eventbox_dedupe_window,
-							86400,
+							3600,
 							0,
 							INT_MAX,
 							PGC_USERSET,
@@ -192,16 +192,22 @@ _PG_init(void)
 							GUC_UNIT_S,
 							NULL, NULL, NULL);
 
-	DefineCustomIntVariable("eventbox.max_databases",
-							"Sets how many databases the background worker can serve.",
-							NULL,
-							&eventbox_max_databases,
-							64,
-							1,
-							10000,
-							PGC_POSTMASTER,
-							0,
-							NULL, NULL, NULL);
+	/*
+	 * A PGC_POSTMASTER setting can only be defined while preloading; a
+	 * backend that loads the library later (no shared_preload_libraries)
+	 * has no worker and needs none.
+	 */
+	if (process_shared_preload_libraries_in_progress)
+		DefineCustomIntVariable("eventbox.max_databases",
+								"Sets how many databases the background worker can serve.",
+								NULL,
+								&eventbox_max_databases,
+								64,
+								1,
+								10000,
+								PGC_POSTMASTER,
+								0,
+								NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("eventbox");
 

@@ -153,6 +153,8 @@ static void
 launcher_start_worker(int slotno, LauncherDb *db)
 {
 	BackgroundWorker bgw;
+	MemoryContext old;
+	bool		registered;
 
 	memset(&bgw, 0, sizeof(bgw));
 	bgw.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
@@ -170,7 +172,15 @@ launcher_start_worker(int slotno, LauncherDb *db)
 		pfree(launcher_handles[slotno]);
 		launcher_handles[slotno] = NULL;
 	}
-	if (!RegisterDynamicBackgroundWorker(&bgw, &launcher_handles[slotno]))
+
+	/*
+	 * The handle is allocated in the current memory context; it must live
+	 * as long as the launcher, not just this pass.
+	 */
+	old = MemoryContextSwitchTo(TopMemoryContext);
+	registered = RegisterDynamicBackgroundWorker(&bgw, &launcher_handles[slotno]);
+	MemoryContextSwitchTo(old);
+	if (!registered)
 		ereport(LOG,
 				(errmsg("eventbox: could not start a worker for database \"%s\"", db->name),
 				 errhint("Raise max_worker_processes; the launcher tries again.")));
@@ -312,5 +322,11 @@ EventboxLauncherMain(Datum main_arg)
 						 LAUNCHER_NAPTIME_MS, PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
 	}
-	proc_exit(0);
+
+	/*
+	 * Exit code 1 so that the postmaster starts the launcher again after
+	 * bgw_restart_time when it was terminated on its own; at shutdown
+	 * nothing is restarted anyway.  (Code 0 would unregister it for good.)
+	 */
+	proc_exit(1);
 }
