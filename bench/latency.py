@@ -33,7 +33,7 @@ def now_ns():
 
 def publisher(dsn, rate, deadline_ns, start_ns, tag, committed, errors):
     """Publish at `rate` events/s until deadline; record commit times."""
-    conn = psycopg2.connect(dsn)
+    conn = psycopg2.connect(dsn, application_name="eventbox-bench-publisher")
     cur = conn.cursor()
     interval = 1e9 / rate
     n = 0

@@ -6,7 +6,8 @@
 # in that directory only, port 54329, eventbox preloaded) and walks through:
 # a pull subscription, a committed publish, a rolled-back publish that never
 # shows up, claim, ack and the stats view. Every SQL statement is printed
-# before it runs. The server is stopped and its directory removed on exit,
+# before it runs, and a LISTEN client shows the events the background
+# worker forwards. The server is stopped and its directory removed on exit,
 # also after an error or Ctrl-C.
 #
 # Environment:
@@ -114,13 +115,32 @@ mapfile -t acks < <(printf '%s\n' "$claimed" | awk -F' *[|] *' '
 step "5. ...processes it, then acks it with the id and lease it was given"
 printf '%s\n' "${acks[@]}" | demo_psql -e
 
-# --- LISTEN client (placeholder) ----------------------------------------------------
-# PLACEHOLDER, to be written once the background worker lands: start
-# `psql -c 'LISTEN eventbox;'` (the default push_once subscription) in the
-# background, publish one event, and show the notification the worker
-# forwards. Nothing is shown here until then.
+step "6. Push: a LISTEN client gets each committed event from the background worker"
+# psql prints the notifications it received after each command, so the
+# client listens, sleeps while we publish, and prints them when it wakes.
+listen_out="$DEMO/listen.out"
+demo_psql -q -c 'LISTEN eventbox;' -c 'SELECT pg_sleep(3);' >"$listen_out" 2>&1 &
+listener=$!
+sleep 1     # let the LISTEN commit before we publish
+demo_psql -a <<'SQL'
+-- The built-in subscription "default" forwards every event to channel
+-- "eventbox" right after the publishing transaction commits.
+BEGIN;
+SELECT eventbox.publish('order.paid', '{"id":42,"amount":99.5}', 'order', '42');
+COMMIT;
 
-step "6. Per-subscription statistics"
+BEGIN;
+SELECT eventbox.publish('order.paid', '{"id":43,"amount":10}', 'order', '43');
+ROLLBACK;   -- never notified
+SQL
+wait "$listener" || die "the LISTEN client failed: $(cat "$listen_out")"
+echo
+echo "The LISTEN client (LISTEN eventbox;) received:"
+grep 'Asynchronous notification' "$listen_out" ||
+    die "the LISTEN client received nothing; is the background worker running?"
+grep -q '"id": 43' "$listen_out" && die "the rolled-back event was notified"
+
+step "7. Per-subscription statistics"
 demo_psql -a -x <<'SQL'
 SELECT * FROM eventbox.stats;
 SQL
