@@ -1189,27 +1189,25 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+	rel text := 'eventbox.log_' || k;
 	newest timestamptz;
+	needed boolean;
 BEGIN
-	SELECT l.occurred_at INTO newest FROM eventbox.log l
-	WHERE l.part = k ORDER BY l.id DESC LIMIT 1;
+	-- Each query names the partition itself: a generic plan over the
+	-- parent with "part = k" may scan the other partitions too.
+	EXECUTE 'SELECT occurred_at FROM ' || rel || ' ORDER BY id DESC LIMIT 1' INTO newest;
 	IF newest IS NULL OR newest > clock_timestamp() - retention THEN
 		RETURN false;
 	END IF;
-	IF EXISTS (SELECT FROM eventbox.cursors c
-			   WHERE EXISTS (SELECT FROM eventbox.log l
-							 WHERE l.part = k
-							   AND l.txid >= pg_snapshot_xmin(c.snap)
-							   AND NOT pg_visible_in_snapshot(l.txid, c.snap))) THEN
-		RETURN false;
-	END IF;
-	IF EXISTS (SELECT FROM eventbox.retries r
-			   JOIN eventbox.log l ON l.id = r.id AND l.part = k) THEN
-		RETURN false;
-	END IF;
-	RETURN NOT EXISTS (SELECT FROM eventbox.batches b
-					   CROSS JOIN LATERAL unnest(b.ids) AS u(id)
-					   JOIN eventbox.log l ON l.id = u.id AND l.part = k);
+	EXECUTE 'SELECT EXISTS (SELECT FROM eventbox.cursors c'
+		|| ' WHERE EXISTS (SELECT FROM ' || rel || ' l'
+		|| '  WHERE l.txid >= pg_snapshot_xmin(c.snap)'
+		|| '  AND NOT pg_visible_in_snapshot(l.txid, c.snap)))'
+		|| ' OR EXISTS (SELECT FROM eventbox.retries r JOIN ' || rel || ' l ON l.id = r.id)'
+		|| ' OR EXISTS (SELECT FROM eventbox.batches b CROSS JOIN LATERAL unnest(b.ids) AS u(id)'
+		|| '  JOIN ' || rel || ' l ON l.id = u.id)'
+		INTO needed;
+	RETURN NOT needed;
 END
 $$;
 

@@ -102,6 +102,7 @@ static SPIPlanPtr plan_retry_lane = NULL;
 static SPIPlanPtr plan_retry_take = NULL;
 static SPIPlanPtr plan_events = NULL;
 static SPIPlanPtr plan_xip = NULL;
+static SPIPlanPtr plan_xip_list = NULL;
 static SPIPlanPtr plan_band = NULL;
 static SPIPlanPtr plan_window_min = NULL;
 static SPIPlanPtr plan_idscan = NULL;
@@ -470,6 +471,52 @@ claim_window(ClaimState *st, SPIPlanPtr plan, Datum *args, int lane,
 }
 
 /*
+ * claim_window_xip reads the in-progress part of a window: for each xid in
+ * the cursor snapshot's in-progress list at or after the position, in
+ * order, the events of that transaction after the position.  Returns the
+ * number of rows read, like claim_window; stops when `limit` rows were
+ * read or the lane was stopped.
+ */
+static int
+claim_window_xip(ClaimState *st, Datum *args, int lane,
+				 Datum *pos_txid, Datum *pos_id, bool *stopped)
+{
+	Datum		largs[2];
+	int64		limit = DatumGetInt64(args[7]);
+	int			got = 0;
+	int			nxips;
+	uint64	   *xips;
+	int			i;
+
+	largs[0] = args[0];
+	largs[1] = *pos_txid;
+	consume_exec(plan_xip_list, largs, NULL, SPI_OK_SELECT, "in-progress list");
+	nxips = (int) SPI_processed;
+	if (nxips == 0)
+		return 0;
+	xips = palloc(sizeof(uint64) * nxips);
+	for (i = 0; i < nxips; i++)
+	{
+		bool		isnull;
+
+		xips[i] = DatumGetUInt64(consume_col(i, 1, &isnull));
+	}
+
+	for (i = 0; i < nxips && got < limit && !*stopped; i++)
+	{
+		Datum		xargs[8];
+
+		memcpy(xargs, args, sizeof(xargs));
+		xargs[1] = UInt64GetDatum(xips[i]);
+		/* inside the position's own transaction, continue after it */
+		xargs[2] = (xips[i] == DatumGetUInt64(*pos_txid)) ? *pos_id : Int64GetDatum(0);
+		xargs[7] = Int64GetDatum(limit - got);
+		got += claim_window(st, plan_xip, xargs, lane, pos_txid, pos_id, stopped);
+	}
+	return got;
+}
+
+/*
  * consume_snapshot_equal compares two pg_snapshot values byte by byte, after
  * bringing both to the same (4-byte) varlena header.
  */
@@ -579,11 +626,27 @@ claim_lane(ClaimState *st, int lane, HeapTuple cursor, TupleDesc cdesc)
 		if (st->sub->ordered)
 			got = claim_window(st, plan_idscan, args, lane, &pos_txid, &pos_id, &stopped);
 		else
-			got = claim_window(st, plan_xip, args, lane, &pos_txid, &pos_id, &stopped);
+			got = claim_window_xip(st, args, lane, &pos_txid, &pos_id, &stopped);
 		if (!st->sub->ordered && !stopped && got < limit)
 		{
-			args[1] = pos_txid;
-			args[2] = pos_id;
+			uint64		band_start = DatumGetUInt64(DirectFunctionCall1(pg_snapshot_xmax, snap));
+
+			/*
+			 * One row comparison as the band's lower bound: btree cannot
+			 * tell whether "txid >= xmax" or "(txid, id) > pos" is tighter
+			 * and starts at the row comparison, which at a window's start
+			 * is the beginning of the index.
+			 */
+			if (DatumGetUInt64(pos_txid) < band_start)
+			{
+				args[1] = UInt64GetDatum(band_start);
+				args[2] = Int64GetDatum(-1);
+			}
+			else
+			{
+				args[1] = pos_txid;
+				args[2] = pos_id;
+			}
 			args[7] = Int64GetDatum(limit - got);
 			got += claim_window(st, plan_band, args, lane, &pos_txid, &pos_id, &stopped);
 		}
@@ -705,12 +768,25 @@ consume_prepare_claim_plans(void)
 										  " WHERE id = ANY($1) ORDER BY txid, id",
 										  1, types);
 	}
+	/*
+	 * The in-progress part of a window is read one transaction at a time,
+	 * in xid order: an index scan for txid = ANY(...) returns rows
+	 * unordered in PostgreSQL 15, so a LIMIT would sort a whole large
+	 * transaction on every claim.  $1 is unused here ($2 is the xid).
+	 */
 	plan_xip = EventboxPreparePlan(
 								   "SELECT " LOG_COLUMNS " FROM eventbox.log"
-								   " WHERE txid = ANY(ARRAY(SELECT pg_catalog.pg_snapshot_xip($1)))"
-								   " AND (txid, id) > ($2, $3)"
+								   " WHERE txid = $2 AND id > $3 AND $1 IS NOT NULL"
 								   WINDOW_FILTER,
 								   8, t_window);
+	{
+		Oid			types[2] = {PG_SNAPSHOTOID, XID8OID};
+
+		plan_xip_list = EventboxPreparePlan(
+											"SELECT x FROM pg_catalog.pg_snapshot_xip($1) x"
+											" WHERE x >= $2 ORDER BY x",
+											2, types);
+	}
 	plan_band = EventboxPreparePlan(
 									"SELECT " LOG_COLUMNS " FROM eventbox.log"
 									" WHERE txid >= pg_catalog.pg_snapshot_xmax($1)"
