@@ -83,6 +83,7 @@ report=$EVENTBOX_ROOT/bench/results/soak-$(date -u +%Y%m%dT%H%M%SZ).md
     echo "- PostgreSQL: $("$BINDIR/postgres" --version); fsync on, synchronous_commit on, shared_buffers 256MB"
     echo "- load: $RATE events/s for $SECONDS_TOTAL s, $PUBLISHERS publishing connections, one publish per transaction"
     echo "- eventbox defaults (naptime 1s, batch_size 1000, retention 1h, rotation_period 60s)"
+    echo "- load average at the end: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine inflates latency)"
     echo
     echo "## Commit -> LISTEN latency (bench/latency.py)"
     echo

@@ -165,10 +165,13 @@ SELECT count(*) AS functions_with_default_acl FROM pg_proc
 WHERE pronamespace = 'eventbox'::regnamespace AND proacl IS NULL;
 
 -- every SECURITY DEFINER function, and every SQL or PL/pgSQL function,
--- pins its search_path to pg_catalog, pg_temp -- except _pending, which
--- must stay inlinable (a SET clause prevents inlining); it is granted to
--- nobody, is not SECURITY DEFINER, and is only called from functions that
--- pin search_path themselves
+-- pins its search_path to pg_catalog, pg_temp, with two kinds of
+-- exceptions: _pending must stay inlinable (a SET clause prevents
+-- inlining; it is granted to nobody, is not SECURITY DEFINER, and is only
+-- called from functions that pin search_path themselves), and the hot-path
+-- C functions (publish, publish_batch, claim_batch, ack) pin name lookup
+-- to pg_catalog alone inside, for every statement they run (cheaper than
+-- a SET clause; the hostile search_path test below checks it)
 SELECT p.proname, p.prosecdef, l.lanname, p.proconfig
 FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
 WHERE p.pronamespace = 'eventbox'::regnamespace
@@ -187,6 +190,25 @@ CREATE FUNCTION t10_evil.nextval(regclass) RETURNS bigint LANGUAGE sql AS 'SELEC
 SET search_path = t10_evil, public;
 SELECT eventbox.publish('t10.path') > 0 AS real_id;
 RESET search_path;
+-- nor when the attacker's schema comes before pg_catalog, in a fresh
+-- session (so the statements are first prepared under that path): a
+-- hostile nextval(), now() and text "=" operator (which would make every
+-- dedupe key match) change nothing in publish, dedupe, claim or ack
+CREATE FUNCTION t10_evil.now() RETURNS timestamptz LANGUAGE sql
+	AS $$SELECT '2000-01-01'::pg_catalog.timestamptz$$;
+CREATE FUNCTION t10_evil.always(text, text) RETURNS boolean LANGUAGE sql AS 'SELECT true';
+CREATE OPERATOR t10_evil.= (LEFTARG = text, RIGHTARG = text, FUNCTION = t10_evil.always);
+SELECT eventbox.subscribe('t10_path', event_types => '{t10p.*}');
+\c
+SET search_path = t10_evil, pg_catalog;
+SELECT eventbox.publish('t10p.a', dedupe_key => 't10-key-a') > 0 AS real_id;
+SELECT eventbox.publish('t10p.b', dedupe_key => 't10-key-b')
+	<> eventbox.publish('t10p.a', dedupe_key => 't10-key-a') AS different_keys_stay_different;
+SELECT count(*) AS claimed, bool_and(occurred_at > '2001-01-01') AS real_clock,
+	   pg_catalog.sum(eventbox.ack(id, 't10_path')::int) AS acked
+FROM eventbox.claim_batch(10, 't10_path');
+RESET search_path;
+SELECT eventbox.unsubscribe('t10_path');
 DROP SCHEMA t10_evil CASCADE;
 
 -- clean up

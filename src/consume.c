@@ -956,6 +956,7 @@ claim_common(FunctionCallInfo fcinfo, bool for_worker)
 	st.want = n;
 	st.ids = palloc(sizeof(int64) * n);
 
+	EventboxPushSearchPath();
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "eventbox: SPI_connect failed");
 	consume_prepare_claim_plans();
@@ -978,6 +979,7 @@ claim_common(FunctionCallInfo fcinfo, bool for_worker)
 	if (st.sub->paused)
 	{
 		SPI_finish();
+		EventboxPopSearchPath();
 		PG_RETURN_NULL();
 	}
 
@@ -1039,6 +1041,7 @@ claim_common(FunctionCallInfo fcinfo, bool for_worker)
 	}
 
 	SPI_finish();
+	EventboxPopSearchPath();
 	PG_RETURN_NULL();
 }
 
@@ -1101,6 +1104,7 @@ consume_ack(text *subname, int64 *ids, int nids, Datum lease, bool lease_null)
 		nids = k;
 	}
 
+	EventboxPushSearchPath();
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "eventbox: SPI_connect failed");
 	consume_prepare_claim_plans();	/* plan_retry_done */
@@ -1129,6 +1133,7 @@ consume_ack(text *subname, int64 *ids, int nids, Datum lease, bool lease_null)
 	if (nids == 0)
 	{
 		SPI_finish();
+		EventboxPopSearchPath();
 		return 0;
 	}
 
@@ -1198,6 +1203,7 @@ consume_ack(text *subname, int64 *ids, int nids, Datum lease, bool lease_null)
 	}
 
 	SPI_finish();
+	EventboxPopSearchPath();
 	return acked;
 }
 

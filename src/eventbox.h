@@ -77,6 +77,8 @@ extern int	eventbox_rotation_period;
 /* eventbox.c */
 extern SPIPlanPtr EventboxPreparePlan(const char *sql, int nargs, Oid *argtypes);
 extern void EventboxRandomBytes(void *buf, size_t len);
+extern void EventboxPushSearchPath(void);
+extern void EventboxPopSearchPath(void);
 
 /* shmem.c */
 extern void EventboxShmemInit(void);

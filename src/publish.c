@@ -299,6 +299,7 @@ publish(PG_FUNCTION_ARGS)
 	publish_check(&ev);
 	ev.headers = publish_context_headers(ev.headers);
 
+	EventboxPushSearchPath();
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "eventbox: SPI_connect failed");
 
@@ -347,6 +348,7 @@ publish(PG_FUNCTION_ARGS)
 	}
 
 	SPI_finish();
+	EventboxPopSearchPath();
 	EventboxNotePublished();
 	PG_RETURN_INT64(id);
 }
@@ -536,6 +538,7 @@ publish_batch(PG_FUNCTION_ARGS)
 		i++;
 	}
 
+	EventboxPushSearchPath();
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "eventbox: SPI_connect failed");
 
@@ -652,6 +655,7 @@ publish_batch(PG_FUNCTION_ARGS)
 				ids[i] = pairs[k++].id;
 	}
 	SPI_finish();
+	EventboxPopSearchPath();
 	EventboxNotePublished();
 
 	for (i = 0; i < n; i++)
