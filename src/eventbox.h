@@ -42,6 +42,7 @@ typedef struct EventboxDbSlot
 	pid_t		worker_pid;		/* 0 if none */
 	int			worker_procno;	/* -1 if none */
 	TimestampTz probed_at;		/* when the state was last settled */
+	TransactionId registering_xid;	/* last CREATE EXTENSION's transaction */
 } EventboxDbSlot;
 
 typedef struct EventboxSharedState

@@ -25,6 +25,7 @@
 #include <signal.h>
 
 #include "access/xact.h"
+#include "storage/procarray.h"
 #include "catalog/pg_type.h"
 #include "commands/dbcommands.h"
 #include "commands/extension.h"
@@ -48,6 +49,7 @@
 static SPIPlanPtr worker_plan = NULL;
 static SPIPlanPtr rotate_plan = NULL;
 static Oid	worker_dboid = InvalidOid;
+static TransactionId worker_settled_xid = InvalidTransactionId;
 static char *worker_dbname = NULL;
 
 static void
@@ -64,6 +66,32 @@ worker_detach(int code, Datum arg)
 	}
 	SpinLockRelease(&EventboxShared->mutex);
 	EventboxWakeLauncher();
+}
+
+/*
+ * worker_look_again tells a worker that found no extension whether to look
+ * again instead of giving up: CREATE EXTENSION registers its database
+ * before it commits, so a probe can look too early.  While the registering
+ * transaction is in progress the worker waits; once it has ended, the
+ * worker looks once more with a fresh snapshot.
+ */
+static bool
+worker_look_again(void)
+{
+	EventboxDbSlot *slot;
+	TransactionId xid = InvalidTransactionId;
+
+	SpinLockAcquire(&EventboxShared->mutex);
+	slot = EventboxSlot(worker_dboid, false);
+	if (slot != NULL)
+		xid = slot->registering_xid;
+	SpinLockRelease(&EventboxShared->mutex);
+
+	if (!TransactionIdIsValid(xid) || TransactionIdEquals(xid, worker_settled_xid))
+		return false;
+	if (!TransactionIdIsInProgress(xid))
+		worker_settled_xid = xid;	/* one more look, then settle */
+	return true;
 }
 
 /*
@@ -266,8 +294,16 @@ EventboxWorkerMain(Datum main_arg)
 
 		if (!installed)
 		{
-			worker_set_state(EB_SLOT_ABSENT);
-			break;
+			if (!worker_look_again())
+			{
+				worker_set_state(EB_SLOT_ABSENT);
+				break;
+			}
+			/* a CREATE EXTENSION may be committing: look again shortly */
+			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 50L, PG_WAIT_EXTENSION);
+			ResetLatch(MyLatch);
+			continue;
 		}
 		if (!served)
 		{
@@ -383,7 +419,10 @@ EventboxRegisterDatabase(void)
 	SpinLockAcquire(&EventboxShared->mutex);
 	slot = EventboxSlot(MyDatabaseId, true);
 	if (slot != NULL && slot->state != EB_SLOT_DROPPING)
+	{
 		slot->state = EB_SLOT_WANTED;
+		slot->registering_xid = GetTopTransactionId();
+	}
 	SpinLockRelease(&EventboxShared->mutex);
 	EventboxWakeLauncher();
 }

@@ -122,7 +122,7 @@ lookup_channel(PGconn *pg, const char *sub)
 		exit(EXIT_ERROR);
 	}
 	if (strcmp(PQgetvalue(res, 0, 2), "push") == 0)
-		fprintf(stderr, "%s: note: tail does not ack; the consumer of push subscription \"%s\" still must\n",
+		fprintf(stderr, "%s: note: tail does not ack; the consumer of push subscription \"%s\" still acks what it receives\n",
 				progname, sub);
 	snprintf(channel, sizeof(channel), "%s", PQgetvalue(res, 0, 0));
 	PQclear(res);
