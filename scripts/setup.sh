@@ -36,6 +36,7 @@ PACKAGES=(
     libnats-dev                # the NATS JetStream relay
     nats-server                # the relay's tests run against a real server
     postgresql-15-pgq3         # PgQ, a benchmark anchor (bench/)
+    pgqd                       # PgQ's ticker daemon (bench/)
     python3-psycopg2           # benchmark and stress drivers
     rsync                      # scripts/test.sh copies the tree with it
 )
