@@ -10,6 +10,9 @@
 #   exactly once in the stream (the duplicate window drops the re-published
 #   events whose ack was lost), nothing left pending or leased; SIGTERM ends
 #   the restarted relay cleanly with exit 0.
+# - NATS stopped while the relay runs and events keep coming: nothing is
+#   acked meanwhile; once NATS is back the relay resumes on its own and
+#   every event ends in the stream exactly once.
 # - events that cannot be stored (no stream for their subject) are nacked
 #   with the NATS error and end in the dead letters; nothing else is acked.
 #
@@ -203,6 +206,35 @@ $s = stream();
 is($s->{messages}, 20000, 'after kill -9 and restart: 20,000 messages in the stream');
 is($s->{distinct}, 20000, '... 20,000 distinct Nats-Msg-Id: exactly once');
 
+# --- 2b. NATS stops mid-run: the relay backs off and resumes, nothing lost ---
+($rout, $rerr) = ('', '');
+$h = IPC::Run::start([ @relay, '-s', 'to_nats', '--batch-size', '200' ],
+	'<', \undef, '>', \$rout, '2>', \$rerr);
+publish_orders('order.updated', 3000);
+ok( $node->poll_query_until(
+		'postgres', q{
+SELECT acked_total = 23000 FROM eventbox.stats WHERE subscription = 'to_nats'}),
+	'a running relay forwards new events');
+$nats->signal('TERM');
+$nats->finish;
+publish_orders('order.shipped', 3000);
+sleep 3;
+is(stats('to_nats')->[4], 23000, 'nothing is acked while NATS is down');
+$nats = IPC::Run::start(
+	[ $nats_server, '-js', '-a', '127.0.0.1', '-p', $nport, '-m', $mport, '-sd', "$store/js" ],
+	'<', \undef, '>>', $nlog, '2>&1');
+ok( $node->poll_query_until(
+		'postgres', q{
+SELECT pending = 0 AND leased = 0 AND scheduled_retries = 0 AND dead = 0 AND acked_total = 26000
+FROM eventbox.stats WHERE subscription = 'to_nats'}),
+	'once NATS is back the relay resumes and acks every event');
+$h->signal('TERM');
+$h->finish;
+is($? >> 8, 0, 'the relay that lived through the NATS outage stops cleanly');
+$s = stream();
+is($s->{messages}, 26000, 'after the NATS outage: 26,000 messages in the stream');
+is($s->{distinct}, 26000, '... 26,000 distinct Nats-Msg-Id: exactly once');
+
 # --- 3. no stream for the subject: dead letters with the NATS error ---------
 $node->safe_psql('postgres', q{
 SELECT eventbox.publish('user.created', jsonb_build_object('n', g)) FROM generate_series(1, 3) g});
@@ -216,7 +248,7 @@ my $errs = $node->safe_psql('postgres',
 like($errs, qr/NATS publish to subject "eb\.user\.created" failed: No responders/i,
 	'last_error is the NATS error');
 like($errs, qr/no JetStream stream stores this subject/, '... with what it means');
-is(stream()->{messages}, 20000, 'the stream holds nothing more');
+is(stream()->{messages}, 26000, 'the stream holds nothing more');
 
 $node->stop;
 $nats->signal('TERM');
