@@ -251,6 +251,16 @@ EventboxWorkerMain(Datum main_arg)
 	/* never wait long behind a consumer's lock */
 	SetConfigOption("lock_timeout", "5s", PGC_SUSET, PGC_S_OVERRIDE);
 
+	/*
+	 * The worker's transactions do not wait for their WAL flush.  Events are
+	 * durable in the publishers' own commits; what a crash can undo here is
+	 * only cursor moves, lease expiries and truncations, which are then
+	 * done again: a notification may be sent twice, nothing is lost.
+	 * Waiting would put one more flush per delivery cycle in the queue that
+	 * the publishers' commits wait in.
+	 */
+	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_OVERRIDE);
+
 	cyclectx = AllocSetContextCreate(TopMemoryContext, "eventbox worker cycle",
 									 ALLOCSET_DEFAULT_SIZES);
 

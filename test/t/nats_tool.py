@@ -9,7 +9,9 @@ no Python NATS library is installed.
 
 check prints one JSON object: messages (count in the stream), distinct
 (distinct Nats-Msg-Id values), missing_id (messages without one), subjects
-(count per subject) and first (the first message: subject, headers, data).
+(count per subject), first (the first message: subject, headers, data) and
+order_violations (messages whose payload "n" is lower than that of an
+earlier message of the same Eventbox-Aggregate-Id).
 """
 import argparse
 import base64
@@ -118,6 +120,7 @@ def main():
         st = info["state"]
         seqs = list(range(st["first_seq"], st["last_seq"] + 1)) if st["messages"] else []
         ids, missing, subjects, first = set(), 0, {}, None
+        last_n, order_violations = {}, 0
         for i in range(0, len(seqs), 500):
             for r in nc.requests([("$JS.API.STREAM.MSG.GET." + name, {"seq": s})
                                   for s in seqs[i:i + 500]]):
@@ -133,8 +136,19 @@ def main():
                 if first is None:
                     first = {"subject": m["subject"], "headers": h,
                              "data": base64.b64decode(m.get("data", "")).decode()}
+                # per-aggregate order: payload "n" must grow along the stream
+                agg = h.get("Eventbox-Aggregate-Id")
+                try:
+                    n = json.loads(base64.b64decode(m.get("data", "")).decode()).get("n")
+                except (ValueError, AttributeError):
+                    n = None
+                if agg is not None and isinstance(n, int):
+                    if agg in last_n and n < last_n[agg]:
+                        order_violations += 1
+                    last_n[agg] = n
         print(json.dumps({"messages": st["messages"], "distinct": len(ids),
-                          "missing_id": missing, "subjects": subjects, "first": first}))
+                          "missing_id": missing, "subjects": subjects, "first": first,
+                          "order_violations": order_violations}))
     else:
         sys.exit("unknown command " + a.cmd)
 
