@@ -15,6 +15,9 @@
 #   every event ends in the stream exactly once.
 # - events that cannot be stored (no stream for their subject) are nacked
 #   with the NATS error and end in the dead letters; nothing else is acked.
+# - an ordered subscription of 50,000 events, relay killed -9 four times
+#   mid-run: each event exactly once in the stream, every aggregate's events
+#   in publish order.
 #
 # The stream is read with test/t/nats_tool.py, a small client of the NATS
 # protocol (no Python NATS library is installed).
@@ -249,6 +252,66 @@ like($errs, qr/NATS publish to subject "eb\.user\.created" failed: No responders
 	'last_error is the NATS error');
 like($errs, qr/no JetStream stream stores this subject/, '... with what it means');
 is(stream()->{messages}, 26000, 'the stream holds nothing more');
+
+# --- 4. ordered subscription, 50,000 events, relay killed -9 repeatedly ------
+# Events of 100 aggregates; within an aggregate, payload n grows with the
+# publish order.  The relay is killed four times mid-run (its backend too),
+# then a last relay finishes once the killed batches' leases have expired.
+($rc, $out, $err) = tool('create-stream', 'ORD', 'ebo.>', 600);
+is($rc, 0, 'stream ORD (ebo.>) created') or diag $err;
+$node->safe_psql('postgres', q{
+SELECT eventbox.subscribe('to_nats_ord', event_types => '{seq.*}', ordering => 'aggregate',
+                          lease => '3 seconds', backoff_base => '100 ms', backoff_max => '1 second')});
+for my $chunk (0 .. 4)
+{
+	my $base = $chunk * 10000;
+	$node->safe_psql('postgres', qq{
+SELECT count(*) FROM eventbox.publish_batch((
+  SELECT jsonb_agg(jsonb_build_object('event_type', 'seq.step', 'payload', jsonb_build_object('n', $base + g),
+                   'aggregate_type', 'acct', 'aggregate_id', (($base + g) % 100)::text) ORDER BY g)
+  FROM generate_series(1, 10000) g))});
+}
+my @ord = ($cli, '-d', $conn, 'relay', 'nats', '--nats-url', $url, '--prefix', 'ebo',
+	'-s', 'to_nats_ord', '--batch-size', '500');
+my $stored = 0;
+for my $k (1 .. 4)
+{
+	my ($ko, $ke) = ('', '');
+	my $kh = IPC::Run::start(\@ord, '<', \undef, '>', \$ko, '2>', \$ke);
+	# kill it mid-run: once it has stored at least 1,000 more events
+	my $until = time + 120;
+	my $now = $stored;
+	while ($now < $stored + 1000 && time < $until)
+	{
+		usleep(50_000);
+		my ($cc, $co) = tool('count', 'ORD');
+		chomp $co;
+		$now = $co if $cc == 0 && $co =~ /^\d+$/;
+	}
+	$stored = $now;
+	usleep(int(rand(200_000)));
+	$kh->signal('KILL');
+	$kh->finish;
+	$node->safe_psql('postgres', q{
+SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'eventbox relay'});
+}
+my $killed_at = stats('to_nats_ord')->[4];
+note("after 4 kills: $stored+ stored, $killed_at of 50000 acked");
+cmp_ok($stored, '>=', 4000, 'each killed relay had stored events when it was killed');
+($rout, $rerr) = ('', '');
+$h = IPC::Run::start(\@ord, '<', \undef, '>', \$rout, '2>', \$rerr);
+ok( $node->poll_query_until(
+		'postgres', q{
+SELECT pending = 0 AND leased = 0 AND scheduled_retries = 0 AND dead = 0 AND acked_total = 50000
+FROM eventbox.stats WHERE subscription = 'to_nats_ord'}),
+	'after four kill -9s a last relay acks all 50,000 events');
+$h->signal('TERM');
+$h->finish;
+my ($oc, $oo, $oe) = tool('check', 'ORD');
+my $ord_s = $json->decode($oo);
+is($ord_s->{messages}, 50000, '50,000 messages in stream ORD');
+is($ord_s->{distinct}, 50000, '... each exactly once (distinct Nats-Msg-Id)');
+is($ord_s->{order_violations}, 0, '... and every aggregate\'s events in publish order');
 
 $node->stop;
 $nats->signal('TERM');
