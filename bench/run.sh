@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# bench/run.sh -- the SPEC §8 benchmark: eventbox side by side with its
+# anchors (bare INSERT, hand-written outbox, PgQ ticked by pgqd) in one run.
+#
+# Starts a throwaway PostgreSQL 15 cluster as the postgres OS user (Unix
+# socket in its temp dir only, never TCP; fsync on; eventbox preloaded),
+# installs the four systems in one database, runs the workloads P1..P5 with
+# bench/bench.py (pgbench, bench/latency.py) and writes a Markdown report to
+# bench/results/<UTC timestamp>.md, which it also prints.  See bench/README.md.
+#
+# Usage (as root):  bash bench/run.sh [--quick]
+#   --quick   one repetition, short runs, 60 s steady state (~4 minutes);
+#             for developing the benchmark, not for the record
+# Environment: EVENTBOX_BENCH_PORT (default 54332; only names the socket file)
+set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=../scripts/lib.sh
+. "$(dirname -- "${BASH_SOURCE[0]}")/../scripts/lib.sh"
+ensure_root "${BASH_SOURCE[0]}" "$@"
+
+quick=()
+case "${1:-}" in
+    '') ;;
+    --quick) quick=(--quick) ;;
+    *) die "usage: $0 [--quick]" ;;
+esac
+
+"$EVENTBOX_ROOT/scripts/setup.sh" --deps-only
+[ -f "$("$PG_CONFIG" --pkglibdir)/eventbox.so" ] ||
+    die "eventbox is not installed (run scripts/setup.sh first)"
+command -v pgqd >/dev/null || [ -x /usr/sbin/pgqd ] || die "pgqd not found"
+
+t0=$(date +%s)
+PORT=${EVENTBOX_BENCH_PORT:-54332}
+BINDIR=$("$PG_CONFIG" --bindir)
+WORK=$(mktemp -d /tmp/eventbox-bench.XXXXXX)
+PGDATA=$WORK/data
+chmod 755 "$WORK"
+chown postgres:postgres "$WORK"
+cleanup() {
+    [ -f "$PGDATA/postmaster.pid" ] &&
+        as_postgres "$WORK" "$BINDIR/pg_ctl" -D "$PGDATA" -m fast -w stop >/dev/null || true
+    rm -rf -- "$WORK"
+}
+trap cleanup EXIT
+
+log "initdb in $WORK"
+as_postgres "$WORK" "$BINDIR/initdb" -D "$PGDATA" -U postgres -E UTF8 --auth=trust >/dev/null
+cat >>"$PGDATA/postgresql.conf" <<CONF
+listen_addresses = ''
+unix_socket_directories = '$WORK'
+port = $PORT
+shared_preload_libraries = 'eventbox'
+fsync = on
+synchronous_commit = on
+shared_buffers = '1GB'
+max_wal_size = '4GB'
+checkpoint_timeout = '30min'
+wal_level = replica
+max_connections = 100
+autovacuum = on
+CONF
+as_postgres "$WORK" "$BINDIR/pg_ctl" -D "$PGDATA" -l "$WORK/server.log" -w start >/dev/null
+as_postgres "$WORK" "$BINDIR/createdb" -h "$WORK" -p "$PORT" bench
+
+# pgqd: PgQ's ticker and maintenance daemon, defaults except where it
+# connects (ticker_period 1 s, maint_period 120 s).
+cat >"$WORK/pgqd.ini" <<INI
+[pgqd]
+logfile = $WORK/pgqd.log
+pidfile = $WORK/pgqd.pid
+base_connstr = host=$WORK port=$PORT
+initial_database = bench
+database_list = bench
+INI
+chown postgres:postgres "$WORK/pgqd.ini"
+
+mkdir -p "$EVENTBOX_ROOT/bench/results"
+report=$EVENTBOX_ROOT/bench/results/$(date -u +%Y%m%dT%H%M%SZ)${quick:+-quick}.md
+status=0
+as_postgres "$WORK" /usr/bin/python3 "$EVENTBOX_ROOT/bench/bench.py" \
+    --host "$WORK" --port "$PORT" --db bench --work "$WORK" \
+    --pgqd-conf "$WORK/pgqd.ini" --out "$WORK/report.md" "${quick[@]}" || status=$?
+if [ "$status" -ne 0 ]; then
+    log "bench.py failed ($status); server log tail:"
+    tail -n 30 "$WORK/server.log" >&2 || true
+    tail -n 10 "$WORK/pgqd.log" >&2 || true
+    exit "$status"
+fi
+{
+    cat "$WORK/report.md"
+    echo "Wall time of bench/run.sh (setup check, initdb to report): $(( $(date +%s) - t0 )) s."
+    echo
+    echo "Server log: $(grep -c 'ERROR' "$WORK/server.log" || true) ERROR lines (the P2 drains end each" \
+         "pgbench client with a deliberate 'division by zero' when the queue is empty)," \
+         "$(grep -c 'eventbox worker cycle failed' "$WORK/server.log" || true) failed eventbox worker cycles," \
+         "$(grep -c 'checkpoints are occurring too frequently' "$WORK/server.log" || true) checkpoint warnings."
+} >"$report"
+cp "$WORK/report.md.json" "${report%.md}.json"   # the raw figures of every run
+cat "$report"
+log "report written to $report"
