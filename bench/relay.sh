@@ -26,31 +26,20 @@ NATS_SERVER=$(command -v nats-server || ls /usr/sbin/nats-server /usr/bin/nats-s
 [ -x "$CLI" ] || die "$CLI is missing: run make install"
 [ -n "$NATS_SERVER" ] || die "nats-server is missing: run scripts/setup.sh"
 
-WORK=$(mktemp -d /tmp/eventbox-relaybench.XXXXXX)
-PGDATA=$WORK/data
-chown postgres:postgres "$WORK"
 free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 PORT=$(free_port); NPORT=$(free_port)
 NATS_PID=
 cleanup() {
     [ -n "$NATS_PID" ] && kill "$NATS_PID" 2>/dev/null || true
-    [ -f "$PGDATA/postmaster.pid" ] &&
-        as_postgres "$WORK" "$BINDIR/pg_ctl" -D "$PGDATA" -m fast -w stop >/dev/null || true
-    rm -rf -- "$WORK"
+    bench_cluster_remove
 }
 trap cleanup EXIT
 
-as_postgres "$WORK" "$BINDIR/initdb" -D "$PGDATA" -U postgres -E UTF8 --auth=trust >/dev/null
+bench_cluster_init eventbox-relaybench "$PORT"
 cat >>"$PGDATA/postgresql.conf" <<CONF
-listen_addresses = ''
-unix_socket_directories = '$WORK'
-port = $PORT
-shared_preload_libraries = 'eventbox'
-fsync = on
 shared_buffers = '256MB'
 CONF
-as_postgres "$WORK" "$BINDIR/pg_ctl" -D "$PGDATA" -l "$WORK/server.log" -w start >/dev/null
-as_postgres "$WORK" "$BINDIR/createdb" -h "$WORK" -p "$PORT" bench
+bench_cluster_start
 sql() { as_postgres "$WORK" "$BINDIR/psql" -X -qAt -h "$WORK" -p "$PORT" -d bench -c "$1"; }
 sql "CREATE EXTENSION eventbox"
 

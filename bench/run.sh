@@ -32,25 +32,10 @@ command -v pgqd >/dev/null || [ -x /usr/sbin/pgqd ] || die "pgqd not found"
 t0=$(date +%s)
 PORT=${EVENTBOX_BENCH_PORT:-54332}
 BINDIR=$("$PG_CONFIG" --bindir)
-WORK=$(mktemp -d /tmp/eventbox-bench.XXXXXX)
-PGDATA=$WORK/data
-chmod 755 "$WORK"
-chown postgres:postgres "$WORK"
-cleanup() {
-    [ -f "$PGDATA/postmaster.pid" ] &&
-        as_postgres "$WORK" "$BINDIR/pg_ctl" -D "$PGDATA" -m fast -w stop >/dev/null || true
-    rm -rf -- "$WORK"
-}
-trap cleanup EXIT
-
+trap bench_cluster_remove EXIT
+bench_cluster_init eventbox-bench "$PORT"
 log "initdb in $WORK"
-as_postgres "$WORK" "$BINDIR/initdb" -D "$PGDATA" -U postgres -E UTF8 --auth=trust >/dev/null
 cat >>"$PGDATA/postgresql.conf" <<CONF
-listen_addresses = ''
-unix_socket_directories = '$WORK'
-port = $PORT
-shared_preload_libraries = 'eventbox'
-fsync = on
 synchronous_commit = on
 shared_buffers = '1GB'
 max_wal_size = '4GB'
@@ -59,8 +44,7 @@ wal_level = replica
 max_connections = 100
 autovacuum = on
 CONF
-as_postgres "$WORK" "$BINDIR/pg_ctl" -D "$PGDATA" -l "$WORK/server.log" -w start >/dev/null
-as_postgres "$WORK" "$BINDIR/createdb" -h "$WORK" -p "$PORT" bench
+bench_cluster_start
 
 # pgqd: PgQ's ticker and maintenance daemon, defaults except where it
 # connects (ticker_period 1 s, maint_period 120 s).

@@ -22,29 +22,14 @@ PORT=${EVENTBOX_BENCH_PORT:-54331}
 SAMPLE_EVERY=10
 
 BINDIR=$("$PG_CONFIG" --bindir)
-WORK=$(mktemp -d /tmp/eventbox-soak.XXXXXX)
-PGDATA=$WORK/data
-chown postgres:postgres "$WORK"
-cleanup() {
-    [ -f "$PGDATA/postmaster.pid" ] &&
-        as_postgres "$WORK" "$BINDIR/pg_ctl" -D "$PGDATA" -m fast -w stop >/dev/null || true
-    rm -rf -- "$WORK"
-}
-trap cleanup EXIT
-
-as_postgres "$WORK" "$BINDIR/initdb" -D "$PGDATA" -U postgres -E UTF8 --auth=trust >/dev/null
+trap bench_cluster_remove EXIT
+bench_cluster_init eventbox-soak "$PORT"
 cat >>"$PGDATA/postgresql.conf" <<CONF
-listen_addresses = ''
-unix_socket_directories = '$WORK'
-port = $PORT
-shared_preload_libraries = 'eventbox'
-fsync = on
 synchronous_commit = on
 shared_buffers = '256MB'
 max_connections = 50
 CONF
-as_postgres "$WORK" "$BINDIR/pg_ctl" -D "$PGDATA" -l "$WORK/server.log" -w start >/dev/null
-as_postgres "$WORK" "$BINDIR/createdb" -h "$WORK" -p "$PORT" bench
+bench_cluster_start
 sql() { as_postgres "$WORK" "$BINDIR/psql" -X -qAt -h "$WORK" -p "$PORT" -d bench -c "$1"; }
 sql "CREATE EXTENSION eventbox"
 for _ in $(seq 50); do

@@ -61,3 +61,40 @@ as_postgres() {
     runuser -u postgres -- env -i "${envv[@]}" \
         bash -c 'cd -- "$1" && shift && exec "$@"' as_postgres "$dir" "$@"
 }
+
+# Throwaway clusters for the benchmarks (bench/*.sh).
+#   bench_cluster_init NAME PORT  creates $WORK (/tmp/NAME.XXXXXX, owned by
+#       postgres) and an initdb'd $PGDATA in it: Unix socket in $WORK only,
+#       on PORT, eventbox preloaded, fsync on. Callers append their own
+#       settings to $PGDATA/postgresql.conf, then call
+#   bench_cluster_start  which starts it and creates the database "bench";
+#   bench_cluster_remove  stops it and removes $WORK (call it from an EXIT trap).
+bench_cluster_init() {
+    BINDIR=${BINDIR:-$("$PG_CONFIG" --bindir)}
+    WORK=$(mktemp -d "/tmp/$1.XXXXXX")
+    PGDATA=$WORK/data
+    BENCH_PORT=$2
+    chmod 755 "$WORK"
+    chown postgres:postgres "$WORK"
+    as_postgres "$WORK" "$BINDIR/initdb" -D "$PGDATA" -U postgres -E UTF8 --auth=trust >/dev/null
+    cat >>"$PGDATA/postgresql.conf" <<CONF
+listen_addresses = ''
+unix_socket_directories = '$WORK'
+port = $BENCH_PORT
+shared_preload_libraries = 'eventbox'
+fsync = on
+CONF
+}
+
+bench_cluster_start() {
+    as_postgres "$WORK" "$BINDIR/pg_ctl" -D "$PGDATA" -l "$WORK/server.log" -w start >/dev/null
+    as_postgres "$WORK" "$BINDIR/createdb" -h "$WORK" -p "$BENCH_PORT" bench
+}
+
+bench_cluster_remove() {
+    if [ -n "${PGDATA:-}" ] && [ -f "$PGDATA/postmaster.pid" ]; then
+        as_postgres "$WORK" "$BINDIR/pg_ctl" -D "$PGDATA" -m fast -w stop >/dev/null || true
+    fi
+    [ -n "${WORK:-}" ] && rm -rf -- "$WORK"
+    return 0
+}
