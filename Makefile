@@ -37,6 +37,10 @@ EXTRA_CLEAN = tmp_check_regress tmp_check_iso output_iso results \
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
+# PGXS does not track headers: every module object depends on the shared
+# one, or a changed struct leaves objects that disagree about its layout.
+$(OBJS): src/eventbox.h
+
 # The eventbox command-line tool (src/cli/; not part of the server module,
 # which only takes src/*.c).  PGXS's PROGRAM cannot be combined with
 # MODULE_big, so it has its own rules.  It is installed into PostgreSQL's

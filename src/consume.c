@@ -98,6 +98,7 @@ static SPIPlanPtr plan_lock = NULL;
 static SPIPlanPtr plan_lock_skip = NULL;
 static SPIPlanPtr plan_busy = NULL;
 static SPIPlanPtr plan_retry_any = NULL;
+static SPIPlanPtr plan_retry_due = NULL;
 static SPIPlanPtr plan_retry_lane = NULL;
 static SPIPlanPtr plan_retry_take = NULL;
 static SPIPlanPtr plan_events = NULL;
@@ -115,19 +116,6 @@ static SPIPlanPtr plan_retry_orphans = NULL;
 static SPIPlanPtr plan_ack_find = NULL;
 static SPIPlanPtr plan_ack_delete = NULL;
 static SPIPlanPtr plan_ack_update = NULL;
-
-/*
- * consume_exec runs a kept plan and checks its result code.
- */
-static void
-consume_exec(SPIPlanPtr plan, Datum *values, const char *nulls, int expected,
-			 const char *what)
-{
-	int			rc = SPI_execute_plan(plan, values, nulls, false, 0);
-
-	if (rc != expected)
-		elog(ERROR, "eventbox: %s failed: %s", what, SPI_result_code_string(rc));
-}
 
 static Datum
 consume_col(int row, int col, bool *isnull)
@@ -182,7 +170,7 @@ consume_sub(text *name, MemoryContext ctx)
 									   1, types);
 	}
 	value = PointerGetDatum(name);
-	consume_exec(plan_sub, &value, NULL, SPI_OK_SELECT, "subscription lookup");
+	EventboxExecPlan(plan_sub, &value, NULL, SPI_OK_SELECT, "subscription lookup");
 	if (SPI_processed == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
@@ -248,7 +236,7 @@ claim_drop_orphans(ClaimState *st, Datum ids)
 
 	values[0] = Int32GetDatum(st->sub->sub_id);
 	values[1] = ids;
-	consume_exec(plan_retry_orphans, values, NULL, SPI_OK_DELETE_RETURNING,
+	EventboxExecPlan(plan_retry_orphans, values, NULL, SPI_OK_DELETE_RETURNING,
 				 "orphan cleanup");
 	for (i = 0; i < SPI_processed; i++)
 	{
@@ -270,7 +258,7 @@ claim_drop_orphans(ClaimState *st, Datum ids)
 static void
 claim_fetch_events(ClaimState *st, Datum ids, int expected)
 {
-	consume_exec(plan_events, &ids, NULL, SPI_OK_SELECT, "event fetch");
+	EventboxExecPlan(plan_events, &ids, NULL, SPI_OK_SELECT, "event fetch");
 	if ((int) SPI_processed < expected)
 	{
 		SPITupleTable *saved = SPI_tuptable;
@@ -316,7 +304,30 @@ claim_retries_unordered(ClaimState *st)
 	values[0] = Int32GetDatum(st->sub->sub_id);
 	values[1] = Int32GetDatum(st->want);
 	values[2] = TimestampTzGetDatum(st->now);
-	consume_exec(plan_retry_any, values, NULL, SPI_OK_UPDATE_RETURNING, "retry lease");
+
+	/*
+	 * Usually nothing is due: one index probe is much cheaper to start than
+	 * the locking UPDATE.
+	 */
+	if (plan_retry_due == NULL)
+	{
+		Oid			types[2] = {INT4OID, TIMESTAMPTZOID};
+
+		plan_retry_due = EventboxPreparePlan(
+											 "SELECT FROM eventbox.retries"
+											 " WHERE sub_id = $1 AND next_attempt_at <= $2 LIMIT 1",
+											 2, types);
+	}
+	{
+		Datum		probe[2];
+
+		probe[0] = values[0];
+		probe[1] = values[2];
+		EventboxExecPlan(plan_retry_due, probe, NULL, SPI_OK_SELECT, "retry probe");
+		if (SPI_processed == 0)
+			return;
+	}
+	EventboxExecPlan(plan_retry_any, values, NULL, SPI_OK_UPDATE_RETURNING, "retry lease");
 	n = (int) SPI_processed;
 	if (n == 0)
 		return;
@@ -371,7 +382,7 @@ claim_retries_lane(ClaimState *st, int lane)
 	values[0] = Int32GetDatum(st->sub->sub_id);
 	values[1] = Int32GetDatum(lane);
 	values[2] = TimestampTzGetDatum(st->now);
-	consume_exec(plan_retry_lane, values, NULL, SPI_OK_SELECT, "lane retries");
+	EventboxExecPlan(plan_retry_lane, values, NULL, SPI_OK_SELECT, "lane retries");
 	n = (int) SPI_processed;
 	if (n == 0)
 		return false;
@@ -390,7 +401,7 @@ claim_retries_lane(ClaimState *st, int lane)
 
 	arr = construct_array(elems, take, INT8OID, 8, true, TYPALIGN_DOUBLE);
 	values[1] = PointerGetDatum(arr);
-	consume_exec(plan_retry_take, values, NULL, SPI_OK_UPDATE_RETURNING, "retry lease");
+	EventboxExecPlan(plan_retry_take, values, NULL, SPI_OK_UPDATE_RETURNING, "retry lease");
 
 	rids = palloc(sizeof(int64) * take);
 	attempts = palloc(sizeof(int32) * take);
@@ -433,7 +444,7 @@ claim_window(ClaimState *st, SPIPlanPtr plan, Datum *args, int lane,
 	int			n;
 	int			i;
 
-	consume_exec(plan, args, st->sub->type_regex ? NULL : "    n   ",
+	EventboxExecPlan(plan, args, st->sub->type_regex ? NULL : "    n   ",
 				 SPI_OK_SELECT, "window scan");
 	n = (int) SPI_processed;
 	for (i = 0; i < n; i++)
@@ -455,7 +466,7 @@ claim_window(ClaimState *st, SPIPlanPtr plan, Datum *args, int lane,
 			dvalues[2] = *pos_txid;
 			dvalues[3] = Int32GetDatum(lane);
 			dvalues[4] = deliver_at;
-			consume_exec(plan_delay, dvalues, NULL, SPI_OK_INSERT, "delayed event");
+			EventboxExecPlan(plan_delay, dvalues, NULL, SPI_OK_INSERT, "delayed event");
 			SPI_tuptable = saved;
 			SPI_processed = saved_n;
 			if (st->sub->ordered)
@@ -490,7 +501,7 @@ claim_window_xip(ClaimState *st, Datum *args, int lane,
 
 	largs[0] = args[0];
 	largs[1] = *pos_txid;
-	consume_exec(plan_xip_list, largs, NULL, SPI_OK_SELECT, "in-progress list");
+	EventboxExecPlan(plan_xip_list, largs, NULL, SPI_OK_SELECT, "in-progress list");
 	nxips = (int) SPI_processed;
 	if (nxips == 0)
 		return 0;
@@ -575,7 +586,7 @@ claim_lane(ClaimState *st, int lane, HeapTuple cursor, TupleDesc cdesc)
 
 		if (target_null)
 		{
-			consume_exec(plan_snapshot, NULL, NULL, SPI_OK_SELECT, "snapshot");
+			EventboxExecPlan(plan_snapshot, NULL, NULL, SPI_OK_SELECT, "snapshot");
 			old = MemoryContextSwitchTo(st->ctx);
 			target = datumCopy(consume_col(0, 1, &isnull), false, -1);
 			MemoryContextSwitchTo(old);
@@ -598,7 +609,7 @@ claim_lane(ClaimState *st, int lane, HeapTuple cursor, TupleDesc cdesc)
 
 				margs[0] = snap;
 				margs[1] = target;
-				consume_exec(plan_window_min, margs, NULL, SPI_OK_SELECT, "window start");
+				EventboxExecPlan(plan_window_min, margs, NULL, SPI_OK_SELECT, "window start");
 				pos_txid = FullTransactionIdGetDatum(FullTransactionIdFromU64(0));
 				pos_id = consume_col(0, 1, &isnull);
 				if (isnull)
@@ -673,7 +684,7 @@ claim_lane(ClaimState *st, int lane, HeapTuple cursor, TupleDesc cdesc)
 
 		values[0] = Int32GetDatum(st->sub->sub_id);
 		values[1] = consume_int8_array(st->ids, st->nids);
-		consume_exec(plan_retry_done, values, NULL, SPI_OK_DELETE, "retry cleanup");
+		EventboxExecPlan(plan_retry_done, values, NULL, SPI_OK_DELETE, "retry cleanup");
 	}
 
 	if (st->nids > 0 && !st->no_lease)
@@ -687,7 +698,7 @@ claim_lane(ClaimState *st, int lane, HeapTuple cursor, TupleDesc cdesc)
 		values[4] = Int32GetDatum(st->retry_count);
 		values[5] = TimestampTzGetDatum(st->now);
 		values[6] = TimestampTzGetDatum(st->leased_until);
-		consume_exec(plan_batch, values, NULL, SPI_OK_INSERT, "batch insert");
+		EventboxExecPlan(plan_batch, values, NULL, SPI_OK_INSERT, "batch insert");
 	}
 
 	if (moved || st->nids > 0)
@@ -704,7 +715,7 @@ claim_lane(ClaimState *st, int lane, HeapTuple cursor, TupleDesc cdesc)
 		values[5] = pos_id;
 		values[6] = Int64GetDatum(st->nids);
 		values[7] = TimestampTzGetDatum(st->now);
-		consume_exec(plan_cursor, values, nulls, SPI_OK_UPDATE, "cursor update");
+		EventboxExecPlan(plan_cursor, values, nulls, SPI_OK_UPDATE, "cursor update");
 	}
 }
 
@@ -819,6 +830,7 @@ consume_prepare_claim_plans(void)
 									  " AND ($6 = 1 OR eventbox._lane(aggregate_type, aggregate_id, id, $6) = $7)"
 									  " ORDER BY id LIMIT $8",
 									  8, t_window);
+	/* taken by a statement of its own: after the cursor lock was granted */
 	plan_snapshot = EventboxPreparePlan("SELECT pg_catalog.pg_current_snapshot()",
 										0, NULL);
 	{
@@ -885,7 +897,7 @@ claim_try_lane(ClaimState *st, int lane)
 
 	values[0] = Int32GetDatum(st->sub->sub_id);
 	values[1] = Int32GetDatum(lane);
-	consume_exec(st->sub->ordered ? plan_lock_skip : plan_lock, values, NULL,
+	EventboxExecPlan(st->sub->ordered ? plan_lock_skip : plan_lock, values, NULL,
 				 SPI_OK_SELECT, "cursor lock");
 	if (SPI_processed == 0)
 		return false;
@@ -894,7 +906,7 @@ claim_try_lane(ClaimState *st, int lane)
 
 	if (st->sub->ordered)
 	{
-		consume_exec(plan_busy, values, NULL, SPI_OK_SELECT, "lane check");
+		EventboxExecPlan(plan_busy, values, NULL, SPI_OK_SELECT, "lane check");
 		if (SPI_processed > 0)
 			return false;
 	}
@@ -983,13 +995,14 @@ claim_common(FunctionCallInfo fcinfo, bool for_worker)
 		PG_RETURN_NULL();
 	}
 
-	/* leases that ran out give their events back first */
+	/* leases that ran out give their events back first (push_once has none) */
+	if (!st.no_lease)
 	{
 		Datum		values[2];
 
 		values[0] = Int32GetDatum(st.sub->sub_id);
 		values[1] = TimestampTzGetDatum(GetCurrentTimestamp());
-		consume_exec(plan_expire, values, NULL, SPI_OK_SELECT, "lease expiry");
+		EventboxExecPlan(plan_expire, values, NULL, SPI_OK_SELECT, "lease expiry");
 	}
 
 	/* taken after the expiry, so that retries it made due now are seen */
@@ -1141,7 +1154,7 @@ consume_ack(text *subname, int64 *ids, int nids, Datum lease, bool lease_null)
 	values[1] = consume_int8_array(ids, nids);
 	values[2] = lease;
 	nulls[2] = lease_null ? 'n' : ' ';
-	consume_exec(plan_ack_find, values, nulls, SPI_OK_SELECT, "batch lookup");
+	EventboxExecPlan(plan_ack_find, values, nulls, SPI_OK_SELECT, "batch lookup");
 	batches = SPI_tuptable;
 	nbatches = (int) SPI_processed;
 
@@ -1184,12 +1197,12 @@ consume_ack(text *subname, int64 *ids, int nids, Datum lease, bool lease_null)
 			rvalues[0] = Int32GetDatum(sub->sub_id);
 			rvalues[1] = PointerGetDatum(construct_array(gone, ngone, INT8OID, 8,
 														 true, TYPALIGN_DOUBLE));
-			consume_exec(plan_retry_done, rvalues, NULL, SPI_OK_DELETE, "retry cleanup");
+			EventboxExecPlan(plan_retry_done, rvalues, NULL, SPI_OK_DELETE, "retry cleanup");
 			retry_count -= (int32) SPI_processed;
 		}
 
 		if (nkeep == 0)
-			consume_exec(plan_ack_delete, &batch_id, NULL, SPI_OK_DELETE, "batch delete");
+			EventboxExecPlan(plan_ack_delete, &batch_id, NULL, SPI_OK_DELETE, "batch delete");
 		else
 		{
 			Datum		uvalues[3];
@@ -1198,7 +1211,7 @@ consume_ack(text *subname, int64 *ids, int nids, Datum lease, bool lease_null)
 			uvalues[1] = PointerGetDatum(construct_array(keep, nkeep, INT8OID, 8,
 														 true, TYPALIGN_DOUBLE));
 			uvalues[2] = Int32GetDatum(Max(retry_count, 0));
-			consume_exec(plan_ack_update, uvalues, NULL, SPI_OK_UPDATE, "batch update");
+			EventboxExecPlan(plan_ack_update, uvalues, NULL, SPI_OK_UPDATE, "batch update");
 		}
 	}
 

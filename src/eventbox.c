@@ -306,6 +306,9 @@ eventbox_register(PG_FUNCTION_ARGS)
 	PG_RETURN_BOOL(EventboxShared != NULL);
 }
 
+static SPIPlanPtr EventboxPreparePlanOpts(const char *sql, int nargs,
+										  Oid *argtypes, int options);
+
 /*
  * EventboxPreparePlan prepares a statement for SPI and keeps it for the
  * life of the backend.  Callers cache the result in a static variable; the
@@ -315,7 +318,23 @@ eventbox_register(PG_FUNCTION_ARGS)
 SPIPlanPtr
 EventboxPreparePlan(const char *sql, int nargs, Oid *argtypes)
 {
-	SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
+	return EventboxPreparePlanOpts(sql, nargs, argtypes, 0);
+}
+
+/*
+ * EventboxPrepareGenericPlan is EventboxPreparePlan for statements that
+ * must never be planned again for their parameter values.
+ */
+SPIPlanPtr
+EventboxPrepareGenericPlan(const char *sql, int nargs, Oid *argtypes)
+{
+	return EventboxPreparePlanOpts(sql, nargs, argtypes, CURSOR_OPT_GENERIC_PLAN);
+}
+
+static SPIPlanPtr
+EventboxPreparePlanOpts(const char *sql, int nargs, Oid *argtypes, int options)
+{
+	SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, argtypes, options);
 
 	if (plan == NULL)
 		elog(ERROR, "eventbox: SPI_prepare failed for \"%s\": %s",
@@ -323,6 +342,20 @@ EventboxPreparePlan(const char *sql, int nargs, Oid *argtypes)
 	if (SPI_keepplan(plan) != 0)
 		elog(ERROR, "eventbox: SPI_keepplan failed");
 	return plan;
+}
+
+/*
+ * EventboxExecPlan runs a kept plan and checks its result code; `what`
+ * names the statement in the error message.
+ */
+void
+EventboxExecPlan(SPIPlanPtr plan, Datum *values, const char *nulls,
+				 int expected, const char *what)
+{
+	int			rc = SPI_execute_plan(plan, values, nulls, false, 0);
+
+	if (rc != expected)
+		elog(ERROR, "eventbox: %s failed: %s", what, SPI_result_code_string(rc));
 }
 
 /*

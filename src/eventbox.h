@@ -77,6 +77,9 @@ extern int	eventbox_rotation_period;
 
 /* eventbox.c */
 extern SPIPlanPtr EventboxPreparePlan(const char *sql, int nargs, Oid *argtypes);
+extern SPIPlanPtr EventboxPrepareGenericPlan(const char *sql, int nargs, Oid *argtypes);
+extern void EventboxExecPlan(SPIPlanPtr plan, Datum *values, const char *nulls,
+							 int expected, const char *what);
 extern void EventboxRandomBytes(void *buf, size_t len);
 extern void EventboxPushSearchPath(void);
 extern void EventboxPopSearchPath(void);
@@ -87,6 +90,9 @@ extern void EventboxNotePublished(void);
 extern void EventboxWakeWorker(Oid dboid);
 extern void EventboxWakeLauncher(void);
 extern EventboxDbSlot *EventboxSlot(Oid dboid, bool create);
+
+/* deliver.c */
+extern TimestampTz EventboxDeliver(int batch);
 
 /* launcher.c, worker.c */
 extern void EventboxRegisterLauncher(void);

@@ -7,10 +7,9 @@
  * One worker serves one database.  It sleeps on its latch, which a
  * publishing transaction sets when it commits, and on a timer for due
  * retries, delayed events and lease expiry (eventbox.naptime at most).  Each
- * cycle is one transaction calling eventbox._deliver(); once a second a
- * separate transaction calls eventbox._rotate() to reclaim log storage.
- * Notifications are
- * sent at its commit, together with the cursor moves that they report, so a
+ * cycle is one transaction running EventboxDeliver (deliver.c); once a
+ * second a separate transaction calls eventbox._rotate() to reclaim log
+ * storage.  Notifications are sent at its commit, together with the cursor moves that they report, so a
  * cycle that fails (a full notification queue, a lock timeout) rolls back
  * whole, is logged once and is retried with backoff: nothing is lost.
  *
@@ -46,7 +45,6 @@
 /* the longest backoff after failed cycles, in milliseconds */
 #define WORKER_MAX_BACKOFF_MS 10000
 
-static SPIPlanPtr worker_plan = NULL;
 static SPIPlanPtr rotate_plan = NULL;
 static Oid	worker_dboid = InvalidOid;
 static TransactionId worker_settled_xid = InvalidTransactionId;
@@ -69,17 +67,23 @@ worker_detach(int code, Datum arg)
 }
 
 /*
- * worker_look_again tells a worker that found no extension whether to look
- * again instead of giving up: CREATE EXTENSION registers its database
- * before it commits, so a probe can look too early.  While the registering
- * transaction is in progress the worker waits; once it has ended, the
- * worker looks once more with a fresh snapshot.
+ * worker_give_up decides, for a worker that found no extension, whether to
+ * record the database as without it and exit (true), or to look again.
+ * CREATE EXTENSION registers its database before it commits, so a probe
+ * can look too early.  While the registering transaction is in progress
+ * the worker waits; once it has ended, the worker looks once more with a
+ * fresh snapshot.  The state is set under the same lock that the
+ * registration takes, and only if no registration came in since the worker
+ * read the slot: else a registration between the look and the write would
+ * be overwritten, and the database left without a worker.
  */
 static bool
-worker_look_again(void)
+worker_give_up(void)
 {
 	EventboxDbSlot *slot;
 	TransactionId xid = InvalidTransactionId;
+	bool		gave_up = false;
+	TimestampTz now;
 
 	SpinLockAcquire(&EventboxShared->mutex);
 	slot = EventboxSlot(worker_dboid, false);
@@ -87,11 +91,29 @@ worker_look_again(void)
 		xid = slot->registering_xid;
 	SpinLockRelease(&EventboxShared->mutex);
 
-	if (!TransactionIdIsValid(xid) || TransactionIdEquals(xid, worker_settled_xid))
+	if (TransactionIdIsValid(xid) && !TransactionIdEquals(xid, worker_settled_xid))
+	{
+		if (!TransactionIdIsInProgress(xid))
+			worker_settled_xid = xid;	/* one more look, then settle */
 		return false;
-	if (!TransactionIdIsInProgress(xid))
-		worker_settled_xid = xid;	/* one more look, then settle */
-	return true;
+	}
+
+	now = GetCurrentTimestamp();
+	SpinLockAcquire(&EventboxShared->mutex);
+	slot = EventboxSlot(worker_dboid, false);
+	if (slot != NULL && TransactionIdEquals(slot->registering_xid, xid))
+	{
+		if (slot->state != EB_SLOT_DROPPING)
+		{
+			slot->state = EB_SLOT_ABSENT;
+			slot->probed_at = now;
+		}
+		gave_up = true;
+	}
+	else if (slot == NULL)
+		gave_up = true;
+	SpinLockRelease(&EventboxShared->mutex);
+	return gave_up;
 }
 
 /*
@@ -137,10 +159,6 @@ worker_cycle(bool rotate, bool *installed, TimestampTz *next_due, int failures)
 			*installed = false;
 		else
 		{
-			Datum		arg;
-			bool		isnull;
-			Datum		due;
-
 			if (SPI_connect() != SPI_OK_CONNECT)
 				elog(ERROR, "eventbox: SPI_connect failed");
 			if (rotate)
@@ -165,20 +183,10 @@ worker_cycle(bool rotate, bool *installed, TimestampTz *next_due, int failures)
 			}
 			else
 			{
-				if (worker_plan == NULL)
-				{
-					Oid			types[1] = {INT4OID};
-
-					worker_plan = EventboxPreparePlan("SELECT eventbox._deliver($1)",
-													  1, types);
-				}
-				arg = Int32GetDatum(eventbox_batch_size);
 				pgstat_report_activity(STATE_RUNNING, "delivering events");
-				if (SPI_execute_plan(worker_plan, &arg, NULL, false, 1) != SPI_OK_SELECT)
-					elog(ERROR, "eventbox: delivery cycle failed");
-				due = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-				if (!isnull)
-					*next_due = DatumGetTimestampTz(due);
+				EventboxPushSearchPath();
+				*next_due = EventboxDeliver(eventbox_batch_size);
+				EventboxPopSearchPath();
 			}
 			SPI_finish();
 		}
@@ -304,11 +312,8 @@ EventboxWorkerMain(Datum main_arg)
 
 		if (!installed)
 		{
-			if (!worker_look_again())
-			{
-				worker_set_state(EB_SLOT_ABSENT);
+			if (worker_give_up())
 				break;
-			}
 			/* a CREATE EXTENSION may be committing: look again shortly */
 			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 							 50L, PG_WAIT_EXTENSION);
@@ -423,15 +428,17 @@ void
 EventboxRegisterDatabase(void)
 {
 	EventboxDbSlot *slot;
+	TransactionId xid;
 
 	if (EventboxShared == NULL)
 		return;
+	xid = GetTopTransactionId();
 	SpinLockAcquire(&EventboxShared->mutex);
 	slot = EventboxSlot(MyDatabaseId, true);
 	if (slot != NULL && slot->state != EB_SLOT_DROPPING)
 	{
 		slot->state = EB_SLOT_WANTED;
-		slot->registering_xid = GetTopTransactionId();
+		slot->registering_xid = xid;
 	}
 	SpinLockRelease(&EventboxShared->mutex);
 	EventboxWakeLauncher();

@@ -1,0 +1,418 @@
+/*-------------------------------------------------------------------------
+ *
+ * deliver.c
+ *	  One delivery cycle of the database worker.
+ *
+ * A cycle, run by the worker in its own transaction:
+ *
+ *	1. gives the events of ran-out leases back (eventbox._expire_leases);
+ *	2. for each push and push_once subscription, takes up to
+ *	   eventbox.batch_size events with eventbox._claim_push and queues one
+ *	   notification per event on the subscription's channel ("event" and
+ *	   "envelope"), or one per cycle ("wakeup");
+ *	3. queues one wake-up for each pull subscription that has due events;
+ *	4. tells the worker when a retry, a delayed event or a lease comes due
+ *	   next.
+ *
+ * The notifications go out when the worker commits, together with the
+ * cursor moves that they report.  This runs once per committed publishing
+ * transaction when publishers are slow and once per batch when they are
+ * fast, so it is written in C with cached generic plans: a PL/pgSQL cycle
+ * spent most of its time planning and starting executors, on the cores the
+ * publishers need.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "catalog/pg_type.h"
+#include "commands/async.h"
+#include "eventbox.h"
+#include "miscadmin.h"
+#include "utils/builtins.h"
+#include "utils/json.h"
+#include "utils/jsonb.h"
+#include "utils/numeric.h"
+#include "utils/timestamp.h"
+#include "utils/uuid.h"
+
+/* How often the timers run while the worker is busy (see EventboxDeliver). */
+#define DELIVER_TIMER_MS	5
+
+/* Notifications must stay below PostgreSQL's 8000-byte payload limit. */
+#define DELIVER_MAX_MESSAGE 8000
+
+/* Parts of a notification (see deliver_message). */
+#define DM_ENVELOPE			0x01	/* aggregate_type, aggregate_id,
+									 * occurred_at */
+#define DM_LEASE			0x02	/* lease, leased_until */
+#define DM_BODY				0x04	/* headers, payload */
+#define DM_HEADERS			0x08	/* headers alone, payload_omitted */
+#define DM_OMITTED			0x10	/* payload_omitted, headers_omitted */
+#define DM_MINIMAL			0x20	/* payload_omitted, envelope_omitted */
+
+/* Columns of eventbox.delivery, as _claim_push returns them. */
+enum
+{
+	DC_ID = 1, DC_EVENT_ID, DC_TYPE, DC_ATYPE, DC_AID, DC_PAYLOAD, DC_HEADERS,
+	DC_OCCURRED, DC_SUBSCRIPTION, DC_ATTEMPT, DC_LEASE, DC_LEASED_UNTIL
+};
+
+static SPIPlanPtr plan_expire = NULL;
+static SPIPlanPtr plan_subs = NULL;
+static SPIPlanPtr plan_claim = NULL;
+static SPIPlanPtr plan_pull_wake = NULL;
+static SPIPlanPtr plan_next_due = NULL;
+
+static void
+deliver_prepare_plans(void)
+{
+	Oid			t_ts[1] = {TIMESTAMPTZOID};
+	Oid			t_claim[2] = {INT4OID, TEXTOID};
+
+	if (plan_next_due != NULL)
+		return;
+
+	/*
+	 * Generic plans throughout: the parameters never change the best plan,
+	 * and a custom plan would be made again on every cycle (the planner
+	 * prices the custom plans of the min() over the partitioned log lower).
+	 */
+	plan_expire = EventboxPrepareGenericPlan(
+											 "SELECT eventbox._expire_leases(b.sub_id, $1)"
+											 " FROM (SELECT DISTINCT sub_id FROM eventbox.batches"
+											 "       WHERE leased_until < $1) b",
+											 1, t_ts);
+	plan_subs = EventboxPrepareGenericPlan(
+										   "SELECT name, mode, notify, channel"
+										   " FROM eventbox.subscriptions"
+										   " WHERE NOT paused ORDER BY sub_id",
+										   0, NULL);
+	plan_claim = EventboxPrepareGenericPlan(
+											"SELECT * FROM eventbox._claim_push($1, $2)",
+											2, t_claim);
+
+	/* pull subscriptions with due events, and their wake-up text */
+	plan_pull_wake = EventboxPrepareGenericPlan(
+												"SELECT s.channel, CASE s.notify"
+												"  WHEN 'wakeup' THEN jsonb_build_object('subscription', s.name,"
+												"                                        'wakeup', true)::text"
+												"  ELSE jsonb_build_object('subscription', s.name, 'wakeup', true,"
+												"                          'notify', s.notify)::text END"
+												" FROM eventbox.subscriptions s"
+												" WHERE s.mode = 'pull' AND s.notify <> 'none' AND NOT s.paused"
+												" AND (EXISTS (SELECT FROM eventbox._pending(s) p"
+												"              WHERE p.deliver_at IS NULL OR p.deliver_at <= $1)"
+												"      OR EXISTS (SELECT FROM eventbox.retries r"
+												"                 WHERE r.sub_id = s.sub_id AND r.next_attempt_at <= $1))"
+												" ORDER BY s.sub_id",
+												1, t_ts);
+	plan_next_due = EventboxPrepareGenericPlan(
+											   "SELECT LEAST("
+											   " (SELECT min(next_attempt_at) FROM eventbox.retries"
+											   "  WHERE next_attempt_at > $1 AND next_attempt_at <> 'infinity'),"
+											   " (SELECT min(leased_until) FROM eventbox.batches),"
+											   " (SELECT min(deliver_at) FROM eventbox.log WHERE deliver_at > $1))",
+											   1, t_ts);
+}
+
+/* ---- building notification texts ---------------------------------------- */
+
+static void
+jb_key(JsonbParseState **js, const char *key)
+{
+	JsonbValue	v;
+
+	v.type = jbvString;
+	v.val.string.val = (char *) key;
+	v.val.string.len = strlen(key);
+	(void) pushJsonbValue(js, WJB_KEY, &v);
+}
+
+static void
+jb_cstring(JsonbParseState **js, const char *key, const char *value)
+{
+	JsonbValue	v;
+
+	jb_key(js, key);
+	if (value == NULL)
+		v.type = jbvNull;
+	else
+	{
+		v.type = jbvString;
+		v.val.string.val = (char *) value;
+		v.val.string.len = strlen(value);
+	}
+	(void) pushJsonbValue(js, WJB_VALUE, &v);
+}
+
+static void
+jb_bool(JsonbParseState **js, const char *key, bool value)
+{
+	JsonbValue	v;
+
+	jb_key(js, key);
+	v.type = jbvBool;
+	v.val.boolean = value;
+	(void) pushJsonbValue(js, WJB_VALUE, &v);
+}
+
+static void
+jb_int(JsonbParseState **js, const char *key, int64 value)
+{
+	JsonbValue	v;
+
+	jb_key(js, key);
+	v.type = jbvNumeric;
+	v.val.numeric = int64_to_numeric(value);
+	(void) pushJsonbValue(js, WJB_VALUE, &v);
+}
+
+/* a column of the current delivery row as jsonb_build_object shows it */
+static void
+jb_column(JsonbParseState **js, const char *key, HeapTuple row,
+		  TupleDesc desc, int col)
+{
+	bool		isnull;
+	Datum		value = SPI_getbinval(row, desc, col, &isnull);
+	JsonbValue	v;
+
+	if (isnull)
+	{
+		jb_cstring(js, key, NULL);
+		return;
+	}
+	switch (SPI_gettypeid(desc, col))
+	{
+		case TEXTOID:
+			jb_cstring(js, key, TextDatumGetCString(value));
+			break;
+		case UUIDOID:
+			jb_cstring(js, key, DatumGetCString(DirectFunctionCall1(uuid_out, value)));
+			break;
+		case TIMESTAMPTZOID:
+			jb_cstring(js, key, JsonEncodeDateTime(NULL, value, TIMESTAMPTZOID, NULL));
+			break;
+		case INT8OID:
+			jb_int(js, key, DatumGetInt64(value));
+			break;
+		case INT4OID:
+			jb_int(js, key, DatumGetInt32(value));
+			break;
+		case JSONBOID:
+			{
+				Jsonb	   *j = DatumGetJsonbP(value);
+
+				jb_key(js, key);
+				v.type = jbvBinary;
+				v.val.binary.data = &j->root;
+				v.val.binary.len = VARSIZE(j) - VARHDRSZ;
+				(void) pushJsonbValue(js, WJB_VALUE, &v);
+				break;
+			}
+		default:
+			elog(ERROR, "eventbox: unexpected type %u in a delivery",
+				 SPI_gettypeid(desc, col));
+	}
+}
+
+/*
+ * deliver_message makes the text of one notification from the given parts
+ * of a delivery row.  Keys come out in jsonb's order, so the text is the
+ * same as jsonb_build_object(...)::text would give.
+ */
+static char *
+deliver_message(HeapTuple row, TupleDesc desc, int parts)
+{
+	JsonbParseState *js = NULL;
+	JsonbValue *res;
+	Jsonb	   *jb;
+
+	(void) pushJsonbValue(&js, WJB_BEGIN_OBJECT, NULL);
+	jb_column(&js, "subscription", row, desc, DC_SUBSCRIPTION);
+	jb_column(&js, "id", row, desc, DC_ID);
+	jb_column(&js, "event_id", row, desc, DC_EVENT_ID);
+	jb_column(&js, "event_type", row, desc, DC_TYPE);
+	jb_column(&js, "attempt", row, desc, DC_ATTEMPT);
+	if (parts & DM_ENVELOPE)
+	{
+		jb_column(&js, "aggregate_type", row, desc, DC_ATYPE);
+		jb_column(&js, "aggregate_id", row, desc, DC_AID);
+		jb_column(&js, "occurred_at", row, desc, DC_OCCURRED);
+	}
+	if (parts & DM_LEASE)
+	{
+		jb_column(&js, "lease", row, desc, DC_LEASE);
+		jb_column(&js, "leased_until", row, desc, DC_LEASED_UNTIL);
+	}
+	if (parts & (DM_BODY | DM_HEADERS))
+		jb_column(&js, "headers", row, desc, DC_HEADERS);
+	if (parts & DM_BODY)
+		jb_column(&js, "payload", row, desc, DC_PAYLOAD);
+	if (parts & (DM_HEADERS | DM_OMITTED | DM_MINIMAL))
+		jb_bool(&js, "payload_omitted", true);
+	if (parts & DM_OMITTED)
+		jb_bool(&js, "headers_omitted", true);
+	if (parts & DM_MINIMAL)
+		jb_bool(&js, "envelope_omitted", true);
+	res = pushJsonbValue(&js, WJB_END_OBJECT, NULL);
+	jb = JsonbValueToJsonb(res);
+	return JsonbToCString(NULL, &jb->root, VARSIZE(jb));
+}
+
+/*
+ * deliver_notification is the text the worker sends for one event: the
+ * whole event for notify = 'event', the envelope for 'envelope'.  What does
+ * not fit in a notification is left out and marked so (the consumer reads
+ * it with eventbox.event(id)); nothing is ever truncated.
+ */
+static char *
+deliver_notification(HeapTuple row, TupleDesc desc, bool whole, bool with_lease)
+{
+	int			base = DM_ENVELOPE | (with_lease ? DM_LEASE : 0);
+	int			tries[3];
+	int			ntries = 0;
+	int			i;
+
+	if (whole)
+	{
+		tries[ntries++] = base | DM_BODY;
+		tries[ntries++] = base | DM_HEADERS;
+		tries[ntries++] = base | DM_OMITTED;
+	}
+	else
+		tries[ntries++] = base;
+
+	for (i = 0; i < ntries; i++)
+	{
+		char	   *msg = deliver_message(row, desc, tries[i]);
+
+		if (strlen(msg) < DELIVER_MAX_MESSAGE)
+			return msg;
+		pfree(msg);
+	}
+	/* only an enormous aggregate id gets here */
+	return deliver_message(row, desc, DM_MINIMAL | (with_lease ? DM_LEASE : 0));
+}
+
+static char *
+deliver_wakeup(const char *subscription)
+{
+	JsonbParseState *js = NULL;
+	JsonbValue *res;
+	Jsonb	   *jb;
+
+	(void) pushJsonbValue(&js, WJB_BEGIN_OBJECT, NULL);
+	jb_cstring(&js, "subscription", subscription);
+	jb_bool(&js, "wakeup", true);
+	res = pushJsonbValue(&js, WJB_END_OBJECT, NULL);
+	jb = JsonbValueToJsonb(res);
+	return JsonbToCString(NULL, &jb->root, VARSIZE(jb));
+}
+
+/* ---- the cycle ------------------------------------------------------------ */
+
+/*
+ * EventboxDeliver runs steps 1-4 above inside the caller's transaction and
+ * SPI connection.  Returns when the worker should run again at the latest:
+ * now if a subscription had a full batch (a backlog), else the next due
+ * time, or 0 if nothing is due.
+ *
+ * Steps 1, 3 and 4 (the timers) run at most every DELIVER_TIMER_MS: when
+ * publishers commit thousands of times a second, each commit wakes the
+ * worker, and the timers would cost more than the forwarding.  A cycle
+ * that skips them asks to run again when they are next due, so a timer is
+ * never more than DELIVER_TIMER_MS late.
+ */
+TimestampTz
+EventboxDeliver(int batch)
+{
+	static TimestampTz timers_at = 0;
+	TimestampTz now = GetCurrentTimestamp();
+	bool		timers = (now < timers_at ||	/* the clock went back */
+						  now - timers_at >= DELIVER_TIMER_MS * (TimestampTz) 1000);
+	Datum		arg = TimestampTzGetDatum(now);
+	SPITupleTable *subs;
+	uint64		nsubs;
+	uint64		i;
+	bool		more = false;
+	bool		pull_wake = false;
+	bool		isnull;
+	Datum		due;
+
+	deliver_prepare_plans();
+
+	if (timers)
+	{
+		timers_at = now;
+		EventboxExecPlan(plan_expire, &arg, NULL, SPI_OK_SELECT, "lease expiry");
+	}
+
+	EventboxExecPlan(plan_subs, NULL, NULL, SPI_OK_SELECT, "subscription list");
+	subs = SPI_tuptable;
+	nsubs = SPI_processed;
+	for (i = 0; i < nsubs; i++)
+	{
+		HeapTuple	s = subs->vals[i];
+		Datum		name = SPI_getbinval(s, subs->tupdesc, 1, &isnull);
+		char	   *mode = TextDatumGetCString(SPI_getbinval(s, subs->tupdesc, 2, &isnull));
+		char	   *notify = TextDatumGetCString(SPI_getbinval(s, subs->tupdesc, 3, &isnull));
+		char	   *channel;
+		bool		whole = (strcmp(notify, "event") == 0);
+		bool		with_lease = (strcmp(mode, "push") == 0);
+		Datum		args[2];
+		SPITupleTable *rows;
+		uint64		n;
+		uint64		j;
+
+		CHECK_FOR_INTERRUPTS();
+		if (strcmp(mode, "pull") == 0)
+		{
+			if (strcmp(notify, "none") != 0)
+				pull_wake = true;
+			continue;
+		}
+		channel = TextDatumGetCString(SPI_getbinval(s, subs->tupdesc, 4, &isnull));
+		args[0] = Int32GetDatum(batch);
+		args[1] = name;
+		EventboxExecPlan(plan_claim, args, NULL, SPI_OK_SELECT, "push claim");
+		rows = SPI_tuptable;
+		n = SPI_processed;
+		if (whole || strcmp(notify, "envelope") == 0)
+		{
+			for (j = 0; j < n; j++)
+			{
+				char	   *msg = deliver_notification(rows->vals[j], rows->tupdesc,
+													   whole, with_lease);
+
+				Async_Notify(channel, msg);
+				pfree(msg);
+			}
+		}
+		else if (n > 0 && strcmp(notify, "wakeup") == 0)
+			Async_Notify(channel, deliver_wakeup(TextDatumGetCString(name)));
+		if (n >= (uint64) batch)
+			more = true;		/* a backlog: come back at once */
+		SPI_freetuptable(rows);
+	}
+
+	if (timers && pull_wake)
+	{
+		EventboxExecPlan(plan_pull_wake, &arg, NULL, SPI_OK_SELECT, "wake-up check");
+		for (i = 0; i < SPI_processed; i++)
+		{
+			HeapTuple	w = SPI_tuptable->vals[i];
+
+			Async_Notify(TextDatumGetCString(SPI_getbinval(w, SPI_tuptable->tupdesc, 1, &isnull)),
+						 TextDatumGetCString(SPI_getbinval(w, SPI_tuptable->tupdesc, 2, &isnull)));
+		}
+	}
+
+	if (more)
+		return now;
+	if (!timers)
+		return TimestampTzPlusMilliseconds(timers_at, DELIVER_TIMER_MS);
+	EventboxExecPlan(plan_next_due, &arg, NULL, SPI_OK_SELECT, "next due time");
+	due = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	return isnull ? 0 : DatumGetTimestampTz(due);
+}
