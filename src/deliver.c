@@ -316,7 +316,8 @@ deliver_wakeup(const char *subscription)
  * EventboxDeliver runs steps 1-4 above inside the caller's transaction and
  * SPI connection.  Returns when the worker should run again at the latest:
  * now if a subscription had a full batch (a backlog), else the next due
- * time, or 0 if nothing is due.
+ * time, or 0 if nothing is due.  *forwarded is set to the number of events
+ * forwarded to push subscriptions.
  *
  * Steps 1, 3 and 4 (the timers) run at most every DELIVER_TIMER_MS: when
  * publishers commit thousands of times a second, each commit wakes the
@@ -325,7 +326,7 @@ deliver_wakeup(const char *subscription)
  * never more than DELIVER_TIMER_MS late.
  */
 TimestampTz
-EventboxDeliver(int batch)
+EventboxDeliver(int batch, uint64 *forwarded)
 {
 	static TimestampTz timers_at = 0;
 	TimestampTz now = GetCurrentTimestamp();
@@ -341,6 +342,7 @@ EventboxDeliver(int batch)
 	Datum		due;
 
 	deliver_prepare_plans();
+	*forwarded = 0;
 
 	if (timers)
 	{
@@ -391,6 +393,7 @@ EventboxDeliver(int batch)
 		}
 		else if (n > 0 && strcmp(notify, "wakeup") == 0)
 			Async_Notify(channel, deliver_wakeup(TextDatumGetCString(name)));
+		*forwarded += n;
 		if (n >= (uint64) batch)
 			more = true;		/* a backlog: come back at once */
 		SPI_freetuptable(rows);

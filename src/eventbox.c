@@ -45,6 +45,7 @@ int			eventbox_max_claim_size = 10000;
 bool		eventbox_enabled = true;
 char	   *eventbox_databases = NULL;
 int			eventbox_naptime = 1000;
+int			eventbox_cycle_delay = 500;
 int			eventbox_batch_size = 1000;
 int			eventbox_max_databases = 64;
 int			eventbox_retention = 3600;
@@ -159,6 +160,17 @@ _PG_init(void)
 							3600 * 1000,
 							PGC_SIGHUP,
 							GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("eventbox.cycle_delay",
+							"Sets the shortest time between the starts of two delivery cycles while events arrive faster than one per this time, in microseconds.",
+							"The commits that arrive in the meantime are forwarded together, which costs the worker far less CPU under a fast stream of small commits; slower streams are forwarded at once. 0 turns pacing off.",
+							&eventbox_cycle_delay,
+							500,
+							0,
+							100000,
+							PGC_SIGHUP,
+							0,
 							NULL, NULL, NULL);
 
 	DefineCustomIntVariable("eventbox.batch_size",

@@ -67,6 +67,7 @@ extern int	eventbox_max_claim_size;
 extern bool eventbox_enabled;
 extern char *eventbox_databases;
 extern int	eventbox_naptime;
+extern int	eventbox_cycle_delay;
 extern int	eventbox_batch_size;
 extern int	eventbox_max_databases;
 extern int	eventbox_retention;
@@ -92,7 +93,7 @@ extern void EventboxWakeLauncher(void);
 extern EventboxDbSlot *EventboxSlot(Oid dboid, bool create);
 
 /* deliver.c */
-extern TimestampTz EventboxDeliver(int batch);
+extern TimestampTz EventboxDeliver(int batch, uint64 *forwarded);
 
 /* launcher.c, worker.c */
 extern void EventboxRegisterLauncher(void);

@@ -165,12 +165,12 @@ publish_check(PublishEvent *ev)
 }
 
 /*
- * publish_context_headers merges the request context settings
- * (eventbox.actor, eventbox.correlation_id, eventbox.causation_id) into the
- * headers.  Headers the caller passed explicitly win.
+ * publish_context returns the request context settings (eventbox.actor,
+ * eventbox.correlation_id, eventbox.causation_id) as a jsonb object, or
+ * NULL when none is set.
  */
 static Jsonb *
-publish_context_headers(Jsonb *headers)
+publish_context(void)
 {
 	const char *names[] = {"actor", "correlation_id", "causation_id"};
 	const char *values[] = {eventbox_actor, eventbox_correlation_id,
@@ -178,10 +178,16 @@ publish_context_headers(Jsonb *headers)
 	StringInfoData buf;
 	bool		any = false;
 	int			i;
-	Datum		ctx;
+
+	for (i = 0; i < (int) lengthof(names); i++)
+		if (values[i] != NULL && values[i][0] != '\0')
+			any = true;
+	if (!any)
+		return NULL;
 
 	initStringInfo(&buf);
 	appendStringInfoChar(&buf, '{');
+	any = false;
 	for (i = 0; i < (int) lengthof(names); i++)
 	{
 		if (values[i] == NULL || values[i][0] == '\0')
@@ -193,13 +199,33 @@ publish_context_headers(Jsonb *headers)
 		escape_json(&buf, values[i]);
 		any = true;
 	}
-	if (!any)
-		return headers;
 	appendStringInfoChar(&buf, '}');
+	return DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data)));
+}
 
-	ctx = DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data));
-	return DatumGetJsonbP(DirectFunctionCall2(jsonb_concat, ctx,
+/*
+ * publish_with_context merges the context (from publish_context, may be
+ * NULL) into the headers.  Headers the caller passed explicitly win.
+ */
+static Jsonb *
+publish_with_context(Jsonb *context, Jsonb *headers)
+{
+	if (context == NULL)
+		return headers;
+	return DatumGetJsonbP(DirectFunctionCall2(jsonb_concat, JsonbPGetDatum(context),
 											  JsonbPGetDatum(headers)));
+}
+
+/*
+ * publish_empty_object returns an empty jsonb object, made once per call
+ * of the caller's choosing (pass the same pointer for a whole batch).
+ */
+static Jsonb *
+publish_empty_object(Jsonb **cache)
+{
+	if (*cache == NULL)
+		*cache = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum("{}")));
+	return *cache;
 }
 
 /*
@@ -297,7 +323,7 @@ publish(PG_FUNCTION_ARGS)
 				 errmsg("headers must not be null"),
 				 errhint("Pass '{}' for an event without headers.")));
 	publish_check(&ev);
-	ev.headers = publish_context_headers(ev.headers);
+	ev.headers = publish_with_context(publish_context(), ev.headers);
 
 	EventboxPushSearchPath();
 	if (SPI_connect() != SPI_OK_CONNECT)
@@ -393,7 +419,8 @@ publish_batch_object(JsonbValue *v, const char *key, int index)
  * typos do not silently drop data.
  */
 static void
-publish_batch_parse(JsonbValue *elem, int index, PublishEvent *ev)
+publish_batch_parse(JsonbValue *elem, int index, PublishEvent *ev,
+					Jsonb **empty)
 {
 	JsonbIterator *it;
 	JsonbValue	v;
@@ -456,9 +483,9 @@ publish_batch_parse(JsonbValue *elem, int index, PublishEvent *ev)
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("event %d of the batch has no event_type", index)));
 	if (ev->payload == NULL)
-		ev->payload = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum("{}")));
+		ev->payload = publish_empty_object(empty);
 	if (ev->headers == NULL)
-		ev->headers = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum("{}")));
+		ev->headers = publish_empty_object(empty);
 }
 
 /* qsort comparator for the (event_id, id) pairs that the batch insert returns */
@@ -486,6 +513,8 @@ publish_batch(PG_FUNCTION_ARGS)
 {
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 	Jsonb	   *events;
+	Jsonb	   *context;
+	Jsonb	   *empty = NULL;
 	JsonbIterator *it;
 	JsonbValue	v;
 	JsonbIteratorToken tok;
@@ -522,6 +551,7 @@ publish_batch(PG_FUNCTION_ARGS)
 		PG_RETURN_NULL();
 
 	evs = palloc0(sizeof(PublishEvent) * n);
+	context = publish_context();
 	ids = palloc0(sizeof(int64) * n);
 	uuids = palloc0(sizeof(pg_uuid_t) * n);
 
@@ -532,9 +562,9 @@ publish_batch(PG_FUNCTION_ARGS)
 	{
 		if (tok != WJB_ELEM)
 			continue;
-		publish_batch_parse(&v, i + 1, &evs[i]);
+		publish_batch_parse(&v, i + 1, &evs[i], &empty);
 		publish_check(&evs[i]);
-		evs[i].headers = publish_context_headers(evs[i].headers);
+		evs[i].headers = publish_with_context(context, evs[i].headers);
 		i++;
 	}
 

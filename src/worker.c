@@ -142,12 +142,14 @@ worker_set_state(EventboxSlotState state)
  * comes due next (0 if none).
  */
 static bool
-worker_cycle(bool rotate, bool *installed, TimestampTz *next_due, int failures)
+worker_cycle(bool rotate, bool *installed, TimestampTz *next_due,
+			 uint64 *forwarded, int failures)
 {
 	MemoryContext outer = CurrentMemoryContext;
 	volatile bool ok = true;
 
 	*next_due = 0;
+	*forwarded = 0;
 	*installed = true;
 	PG_TRY();
 	{
@@ -185,7 +187,7 @@ worker_cycle(bool rotate, bool *installed, TimestampTz *next_due, int failures)
 			{
 				pgstat_report_activity(STATE_RUNNING, "delivering events");
 				EventboxPushSearchPath();
-				*next_due = EventboxDeliver(eventbox_batch_size);
+				*next_due = EventboxDeliver(eventbox_batch_size, forwarded);
 				EventboxPopSearchPath();
 			}
 			SPI_finish();
@@ -226,6 +228,12 @@ EventboxWorkerMain(Datum main_arg)
 	int			failures = 0;
 	bool		served = false;
 	TimestampTz last_rotation = 0;
+	TimestampTz cycle_started = 0;
+	bool		backlog = false;
+	bool		pacing = false;
+	TimestampTz window_start = 0;
+	uint64		window_events = 0;
+	uint64		forwarded;
 
 	worker_dboid = DatumGetObjectId(main_arg);
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
@@ -289,8 +297,35 @@ EventboxWorkerMain(Datum main_arg)
 		if (!eventbox_enabled)
 			break;
 
+		/*
+		 * Pacing: while events arrive faster than one per
+		 * eventbox.cycle_delay on average (over the last second), a cycle
+		 * starts no sooner than cycle_delay after the previous one started,
+		 * so that the commits arriving in between are forwarded together.
+		 * Slower streams are forwarded at once, and a backlog (full
+		 * batches) is worked off without pause.
+		 */
+		if (pacing && !backlog && cycle_started != 0)
+		{
+			int64		wait = cycle_started + eventbox_cycle_delay - GetCurrentTimestamp();
+
+			if (wait > 0 && wait <= eventbox_cycle_delay)
+				pg_usleep((long) wait);
+		}
+		cycle_started = GetCurrentTimestamp();
+
 		old = MemoryContextSwitchTo(cyclectx);
-		ok = worker_cycle(false, &installed, &next_due, failures);
+		ok = worker_cycle(false, &installed, &next_due, &forwarded, failures);
+		backlog = (ok && next_due != 0 && next_due <= GetCurrentTimestamp());
+		window_events += forwarded;
+		if (cycle_started - window_start >= USECS_PER_SEC)
+		{
+			pacing = (eventbox_cycle_delay > 0 &&
+					  window_events * eventbox_cycle_delay >
+					  (uint64) (cycle_started - window_start));
+			window_start = cycle_started;
+			window_events = 0;
+		}
 		MemoryContextSwitchTo(old);
 		MemoryContextReset(cyclectx);
 
@@ -304,7 +339,7 @@ EventboxWorkerMain(Datum main_arg)
 			TimestampTz ignored;
 
 			old = MemoryContextSwitchTo(cyclectx);
-			ok = worker_cycle(true, &installed, &ignored, failures);
+			ok = worker_cycle(true, &installed, &ignored, &forwarded, failures);
 			MemoryContextSwitchTo(old);
 			MemoryContextReset(cyclectx);
 			last_rotation = GetCurrentTimestamp();
