@@ -103,7 +103,6 @@ static SPIPlanPtr plan_retry_lane = NULL;
 static SPIPlanPtr plan_retry_take = NULL;
 static SPIPlanPtr plan_events = NULL;
 static SPIPlanPtr plan_xip = NULL;
-static SPIPlanPtr plan_xip_list = NULL;
 static SPIPlanPtr plan_band = NULL;
 static SPIPlanPtr plan_window_min = NULL;
 static SPIPlanPtr plan_idscan = NULL;
@@ -482,6 +481,41 @@ claim_window(ClaimState *st, SPIPlanPtr plan, Datum *args, int lane,
 }
 
 /*
+ * The on-disk layout of pg_snapshot (utils/adt/xid8funcs.c, which does not
+ * export it): the in-progress list is sorted ascending, as
+ * pg_snapshot_xip() returns it.
+ */
+typedef struct ConsumeSnapshot
+{
+	int32		vl_len_;
+	uint32		nxip;
+	uint64		xmin;
+	uint64		xmax;
+	uint64		xip[FLEXIBLE_ARRAY_MEMBER];
+} ConsumeSnapshot;
+
+/*
+ * consume_snapshot_xip returns the in-progress transactions of a
+ * pg_snapshot from `from` on, in ascending order, without a query.
+ */
+static uint64 *
+consume_snapshot_xip(Datum snap, uint64 from, int *n)
+{
+	ConsumeSnapshot *s = (ConsumeSnapshot *) PG_DETOAST_DATUM(snap);
+	uint64	   *out;
+	uint32		i;
+
+	if (VARSIZE(s) != offsetof(ConsumeSnapshot, xip) + sizeof(uint64) * s->nxip)
+		elog(ERROR, "eventbox: unexpected pg_snapshot layout");
+	out = palloc(sizeof(uint64) * Max(s->nxip, 1));
+	*n = 0;
+	for (i = 0; i < s->nxip; i++)
+		if (s->xip[i] >= from)
+			out[(*n)++] = s->xip[i];
+	return out;
+}
+
+/*
  * claim_window_xip reads the in-progress part of a window: for each xid in
  * the cursor snapshot's in-progress list at or after the position, in
  * order, the events of that transaction after the position.  Returns the
@@ -492,30 +526,29 @@ static int
 claim_window_xip(ClaimState *st, Datum *args, int lane,
 				 Datum *pos_txid, Datum *pos_id, bool *stopped)
 {
-	Datum		largs[2];
 	int64		limit = DatumGetInt64(args[7]);
 	int			got = 0;
 	int			nxips;
 	uint64	   *xips;
 	int			i;
 
-	largs[0] = args[0];
-	largs[1] = *pos_txid;
-	EventboxExecPlan(plan_xip_list, largs, NULL, SPI_OK_SELECT, "in-progress list");
-	nxips = (int) SPI_processed;
+	xips = consume_snapshot_xip(args[0], DatumGetUInt64(*pos_txid), &nxips);
 	if (nxips == 0)
 		return 0;
-	xips = palloc(sizeof(uint64) * nxips);
-	for (i = 0; i < nxips; i++)
-	{
-		bool		isnull;
-
-		xips[i] = DatumGetUInt64(consume_col(i, 1, &isnull));
-	}
 
 	for (i = 0; i < nxips && got < limit && !*stopped; i++)
 	{
 		Datum		xargs[8];
+
+		/*
+		 * A transaction still in progress in the target snapshot has
+		 * nothing in this window (the query's visibility filter would drop
+		 * its rows): skip the query.  Under many concurrent publishers most
+		 * of the in-progress list is such transactions.
+		 */
+		if (!DatumGetBool(DirectFunctionCall2(pg_visible_in_snapshot,
+											  UInt64GetDatum(xips[i]), args[3])))
+			continue;
 
 		memcpy(xargs, args, sizeof(xargs));
 		xargs[1] = UInt64GetDatum(xips[i]);
@@ -790,14 +823,6 @@ consume_prepare_claim_plans(void)
 								   " WHERE txid = $2 AND id > $3 AND $1 IS NOT NULL"
 								   WINDOW_FILTER,
 								   8, t_window);
-	{
-		Oid			types[2] = {PG_SNAPSHOTOID, XID8OID};
-
-		plan_xip_list = EventboxPreparePlan(
-											"SELECT x FROM pg_catalog.pg_snapshot_xip($1) x"
-											" WHERE x >= $2 ORDER BY x",
-											2, types);
-	}
 	plan_band = EventboxPreparePlan(
 									"SELECT " LOG_COLUMNS " FROM eventbox.log"
 									" WHERE txid >= pg_catalog.pg_snapshot_xmax($1)"

@@ -73,47 +73,42 @@ deliver_prepare_plans(void)
 	if (plan_next_due != NULL)
 		return;
 
-	/*
-	 * Generic plans throughout: the parameters never change the best plan,
-	 * and a custom plan would be made again on every cycle (the planner
-	 * prices the custom plans of the min() over the partitioned log lower).
-	 */
-	plan_expire = EventboxPrepareGenericPlan(
-											 "SELECT eventbox._expire_leases(b.sub_id, $1)"
-											 " FROM (SELECT DISTINCT sub_id FROM eventbox.batches"
-											 "       WHERE leased_until < $1) b",
-											 1, t_ts);
-	plan_subs = EventboxPrepareGenericPlan(
-										   "SELECT name, mode, notify, channel"
-										   " FROM eventbox.subscriptions"
-										   " WHERE NOT paused ORDER BY sub_id",
-										   0, NULL);
-	plan_claim = EventboxPrepareGenericPlan(
-											"SELECT * FROM eventbox._claim_push($1, $2)",
-											2, t_claim);
+	plan_expire = EventboxPreparePlan(
+									  "SELECT eventbox._expire_leases(b.sub_id, $1)"
+									  " FROM (SELECT DISTINCT sub_id FROM eventbox.batches"
+									  "       WHERE leased_until < $1) b",
+									  1, t_ts);
+	plan_subs = EventboxPreparePlan(
+									"SELECT name, mode, notify, channel"
+									" FROM eventbox.subscriptions"
+									" WHERE NOT paused ORDER BY sub_id",
+									0, NULL);
+	plan_claim = EventboxPreparePlan(
+									 "SELECT * FROM eventbox._claim_push($1, $2)",
+									 2, t_claim);
 
 	/* pull subscriptions with due events, and their wake-up text */
-	plan_pull_wake = EventboxPrepareGenericPlan(
-												"SELECT s.channel, CASE s.notify"
-												"  WHEN 'wakeup' THEN jsonb_build_object('subscription', s.name,"
-												"                                        'wakeup', true)::text"
-												"  ELSE jsonb_build_object('subscription', s.name, 'wakeup', true,"
-												"                          'notify', s.notify)::text END"
-												" FROM eventbox.subscriptions s"
-												" WHERE s.mode = 'pull' AND s.notify <> 'none' AND NOT s.paused"
-												" AND (EXISTS (SELECT FROM eventbox._pending(s) p"
-												"              WHERE p.deliver_at IS NULL OR p.deliver_at <= $1)"
-												"      OR EXISTS (SELECT FROM eventbox.retries r"
-												"                 WHERE r.sub_id = s.sub_id AND r.next_attempt_at <= $1))"
-												" ORDER BY s.sub_id",
-												1, t_ts);
-	plan_next_due = EventboxPrepareGenericPlan(
-											   "SELECT LEAST("
-											   " (SELECT min(next_attempt_at) FROM eventbox.retries"
-											   "  WHERE next_attempt_at > $1 AND next_attempt_at <> 'infinity'),"
-											   " (SELECT min(leased_until) FROM eventbox.batches),"
-											   " (SELECT min(deliver_at) FROM eventbox.log WHERE deliver_at > $1))",
-											   1, t_ts);
+	plan_pull_wake = EventboxPreparePlan(
+										 "SELECT s.channel, CASE s.notify"
+										 "  WHEN 'wakeup' THEN jsonb_build_object('subscription', s.name,"
+										 "                                        'wakeup', true)::text"
+										 "  ELSE jsonb_build_object('subscription', s.name, 'wakeup', true,"
+										 "                          'notify', s.notify)::text END"
+										 " FROM eventbox.subscriptions s"
+										 " WHERE s.mode = 'pull' AND s.notify <> 'none' AND NOT s.paused"
+										 " AND (EXISTS (SELECT FROM eventbox._pending(s) p"
+										 "              WHERE p.deliver_at IS NULL OR p.deliver_at <= $1)"
+										 "      OR EXISTS (SELECT FROM eventbox.retries r"
+										 "                 WHERE r.sub_id = s.sub_id AND r.next_attempt_at <= $1))"
+										 " ORDER BY s.sub_id",
+										 1, t_ts);
+	plan_next_due = EventboxPreparePlan(
+										"SELECT LEAST("
+										" (SELECT min(next_attempt_at) FROM eventbox.retries"
+										"  WHERE next_attempt_at > $1 AND next_attempt_at <> 'infinity'),"
+										" (SELECT min(leased_until) FROM eventbox.batches),"
+										" (SELECT min(deliver_at) FROM eventbox.log WHERE deliver_at > $1))",
+										1, t_ts);
 }
 
 /* ---- building notification texts ---------------------------------------- */

@@ -318,35 +318,22 @@ eventbox_register(PG_FUNCTION_ARGS)
 	PG_RETURN_BOOL(EventboxShared != NULL);
 }
 
-static SPIPlanPtr EventboxPreparePlanOpts(const char *sql, int nargs,
-										  Oid *argtypes, int options);
-
 /*
  * EventboxPreparePlan prepares a statement for SPI and keeps it for the
  * life of the backend.  Callers cache the result in a static variable; the
  * plan cache replans it when the tables it uses change (for example after
  * DROP and CREATE EXTENSION).
+ *
+ * The plan is generic: planned once, not again for each set of parameter
+ * values.  Our statements are written for that (no parameter decides which
+ * index fits), and custom plans over the partitioned log cost more to make
+ * than to run: the plan cache's cost comparison kept choosing them, and a
+ * claim spent most of its time in the planner.
  */
 SPIPlanPtr
 EventboxPreparePlan(const char *sql, int nargs, Oid *argtypes)
 {
-	return EventboxPreparePlanOpts(sql, nargs, argtypes, 0);
-}
-
-/*
- * EventboxPrepareGenericPlan is EventboxPreparePlan for statements that
- * must never be planned again for their parameter values.
- */
-SPIPlanPtr
-EventboxPrepareGenericPlan(const char *sql, int nargs, Oid *argtypes)
-{
-	return EventboxPreparePlanOpts(sql, nargs, argtypes, CURSOR_OPT_GENERIC_PLAN);
-}
-
-static SPIPlanPtr
-EventboxPreparePlanOpts(const char *sql, int nargs, Oid *argtypes, int options)
-{
-	SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, argtypes, options);
+	SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, argtypes, CURSOR_OPT_GENERIC_PLAN);
 
 	if (plan == NULL)
 		elog(ERROR, "eventbox: SPI_prepare failed for \"%s\": %s",

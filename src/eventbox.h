@@ -78,7 +78,6 @@ extern int	eventbox_rotation_period;
 
 /* eventbox.c */
 extern SPIPlanPtr EventboxPreparePlan(const char *sql, int nargs, Oid *argtypes);
-extern SPIPlanPtr EventboxPrepareGenericPlan(const char *sql, int nargs, Oid *argtypes);
 extern void EventboxExecPlan(SPIPlanPtr plan, Datum *values, const char *nulls,
 							 int expected, const char *what);
 extern void EventboxRandomBytes(void *buf, size_t len);
