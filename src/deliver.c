@@ -312,7 +312,9 @@ deliver_wakeup(const char *subscription)
  * SPI connection.  Returns when the worker should run again at the latest:
  * now if a subscription had a full batch (a backlog), else the next due
  * time, or 0 if nothing is due.  *forwarded is set to the number of events
- * forwarded to push subscriptions.
+ * forwarded to push subscriptions, *once to whether any of them went to a
+ * push_once subscription (whose cursor move must then be durable before
+ * the notifications can be read).
  *
  * Steps 1, 3 and 4 (the timers) run at most every DELIVER_TIMER_MS: when
  * publishers commit thousands of times a second, each commit wakes the
@@ -321,7 +323,7 @@ deliver_wakeup(const char *subscription)
  * never more than DELIVER_TIMER_MS late.
  */
 TimestampTz
-EventboxDeliver(int batch, uint64 *forwarded)
+EventboxDeliver(int batch, uint64 *forwarded, bool *once)
 {
 	static TimestampTz timers_at = 0;
 	TimestampTz now = GetCurrentTimestamp();
@@ -338,6 +340,7 @@ EventboxDeliver(int batch, uint64 *forwarded)
 
 	deliver_prepare_plans();
 	*forwarded = 0;
+	*once = false;
 
 	if (timers)
 	{
@@ -389,6 +392,8 @@ EventboxDeliver(int batch, uint64 *forwarded)
 		else if (n > 0 && strcmp(notify, "wakeup") == 0)
 			Async_Notify(channel, deliver_wakeup(TextDatumGetCString(name)));
 		*forwarded += n;
+		if (n > 0 && strcmp(mode, "push_once") == 0)
+			*once = true;
 		if (n >= (uint64) batch)
 			more = true;		/* a backlog: come back at once */
 		SPI_freetuptable(rows);

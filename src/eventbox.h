@@ -92,7 +92,7 @@ extern void EventboxWakeLauncher(void);
 extern EventboxDbSlot *EventboxSlot(Oid dboid, bool create);
 
 /* deliver.c */
-extern TimestampTz EventboxDeliver(int batch, uint64 *forwarded);
+extern TimestampTz EventboxDeliver(int batch, uint64 *forwarded, bool *once);
 
 /* launcher.c, worker.c */
 extern void EventboxRegisterLauncher(void);

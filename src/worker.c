@@ -185,15 +185,28 @@ worker_cycle(bool rotate, bool *installed, TimestampTz *next_due,
 			}
 			else
 			{
+				bool		once = false;
+
 				pgstat_report_activity(STATE_RUNNING, "delivering events");
 				EventboxPushSearchPath();
-				*next_due = EventboxDeliver(eventbox_batch_size, forwarded);
+				*next_due = EventboxDeliver(eventbox_batch_size, forwarded, &once);
 				EventboxPopSearchPath();
+
+				/*
+				 * push_once promises at most once: its cursor move must be
+				 * durable before listeners can read the notifications, which
+				 * they can as soon as the commit is visible.  So such a cycle
+				 * waits for its WAL flush (the setting applies to this
+				 * process only and is put back after the commit).
+				 */
+				if (once)
+					synchronous_commit = SYNCHRONOUS_COMMIT_ON;
 			}
 			SPI_finish();
 		}
 		PopActiveSnapshot();
 		CommitTransactionCommand();
+		synchronous_commit = SYNCHRONOUS_COMMIT_OFF;
 	}
 	PG_CATCH();
 	{
@@ -203,6 +216,7 @@ worker_cycle(bool rotate, bool *installed, TimestampTz *next_due,
 		edata = CopyErrorData();
 		FlushErrorState();
 		AbortCurrentTransaction();
+		synchronous_commit = SYNCHRONOUS_COMMIT_OFF;
 		if (failures == 0)
 			ereport(LOG,
 					(errmsg("eventbox worker cycle failed: %s", edata->message),
@@ -268,12 +282,13 @@ EventboxWorkerMain(Datum main_arg)
 	SetConfigOption("lock_timeout", "5s", PGC_SUSET, PGC_S_OVERRIDE);
 
 	/*
-	 * The worker's transactions do not wait for their WAL flush.  Events are
+	 * The worker's transactions do not wait for their WAL flush, unless
+	 * they delivered push_once events (see worker_cycle).  Events are
 	 * durable in the publishers' own commits; what a crash can undo here is
 	 * only cursor moves, lease expiries and truncations, which are then
-	 * done again: a notification may be sent twice, nothing is lost.
-	 * Waiting would put one more flush per delivery cycle in the queue that
-	 * the publishers' commits wait in.
+	 * done again: a push notification or a wake-up may be sent twice,
+	 * nothing is lost.  Waiting would put one more flush per delivery cycle
+	 * in the queue that the publishers' commits wait in.
 	 */
 	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_OVERRIDE);
 
