@@ -236,7 +236,7 @@ claim_drop_orphans(ClaimState *st, Datum ids)
 	values[0] = Int32GetDatum(st->sub->sub_id);
 	values[1] = ids;
 	EventboxExecPlan(plan_retry_orphans, values, NULL, SPI_OK_DELETE_RETURNING,
-				 "orphan cleanup");
+					 "orphan cleanup");
 	for (i = 0; i < SPI_processed; i++)
 	{
 		bool		isnull;
@@ -444,7 +444,7 @@ claim_window(ClaimState *st, SPIPlanPtr plan, Datum *args, int lane,
 	int			i;
 
 	EventboxExecPlan(plan, args, st->sub->type_regex ? NULL : "    n   ",
-				 SPI_OK_SELECT, "window scan");
+					 SPI_OK_SELECT, "window scan");
 	n = (int) SPI_processed;
 	for (i = 0; i < n; i++)
 	{
@@ -923,7 +923,7 @@ claim_try_lane(ClaimState *st, int lane)
 	values[0] = Int32GetDatum(st->sub->sub_id);
 	values[1] = Int32GetDatum(lane);
 	EventboxExecPlan(st->sub->ordered ? plan_lock_skip : plan_lock, values, NULL,
-				 SPI_OK_SELECT, "cursor lock");
+					 SPI_OK_SELECT, "cursor lock");
 	if (SPI_processed == 0)
 		return false;
 	cursor = SPI_copytuple(SPI_tuptable->vals[0]);

@@ -163,6 +163,15 @@ jb_int(JsonbParseState **js, const char *key, int64 value)
 	(void) pushJsonbValue(js, WJB_VALUE, &v);
 }
 
+/* ends the object being built and returns its text, as jsonb_out would */
+static char *
+jb_finish(JsonbParseState **js)
+{
+	Jsonb	   *jb = JsonbValueToJsonb(pushJsonbValue(js, WJB_END_OBJECT, NULL));
+
+	return JsonbToCString(NULL, &jb->root, VARSIZE(jb));
+}
+
 /* a column of the current delivery row as jsonb_build_object shows it */
 static void
 jb_column(JsonbParseState **js, const char *key, HeapTuple row,
@@ -220,8 +229,6 @@ static char *
 deliver_message(HeapTuple row, TupleDesc desc, int parts)
 {
 	JsonbParseState *js = NULL;
-	JsonbValue *res;
-	Jsonb	   *jb;
 
 	(void) pushJsonbValue(&js, WJB_BEGIN_OBJECT, NULL);
 	jb_column(&js, "subscription", row, desc, DC_SUBSCRIPTION);
@@ -250,9 +257,7 @@ deliver_message(HeapTuple row, TupleDesc desc, int parts)
 		jb_bool(&js, "headers_omitted", true);
 	if (parts & DM_MINIMAL)
 		jb_bool(&js, "envelope_omitted", true);
-	res = pushJsonbValue(&js, WJB_END_OBJECT, NULL);
-	jb = JsonbValueToJsonb(res);
-	return JsonbToCString(NULL, &jb->root, VARSIZE(jb));
+	return jb_finish(&js);
 }
 
 /*
@@ -294,15 +299,11 @@ static char *
 deliver_wakeup(const char *subscription)
 {
 	JsonbParseState *js = NULL;
-	JsonbValue *res;
-	Jsonb	   *jb;
 
 	(void) pushJsonbValue(&js, WJB_BEGIN_OBJECT, NULL);
 	jb_cstring(&js, "subscription", subscription);
 	jb_bool(&js, "wakeup", true);
-	res = pushJsonbValue(&js, WJB_END_OBJECT, NULL);
-	jb = JsonbValueToJsonb(res);
-	return JsonbToCString(NULL, &jb->root, VARSIZE(jb));
+	return jb_finish(&js);
 }
 
 /* ---- the cycle ------------------------------------------------------------ */

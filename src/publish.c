@@ -25,6 +25,7 @@
 #include "commands/sequence.h"
 #include "common/hashfn.h"
 #include "eventbox.h"
+#include "executor/executor.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "lib/stringinfo.h"
@@ -33,7 +34,6 @@
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/fmgrprotos.h"
-#include "executor/executor.h"
 #include "utils/json.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
@@ -187,25 +187,23 @@ publish_context(void)
 	int			i;
 
 	for (i = 0; i < (int) lengthof(names); i++)
-		if (values[i] != NULL && values[i][0] != '\0')
-			any = true;
-	if (!any)
-		return NULL;
-
-	initStringInfo(&buf);
-	appendStringInfoChar(&buf, '{');
-	any = false;
-	for (i = 0; i < (int) lengthof(names); i++)
 	{
 		if (values[i] == NULL || values[i][0] == '\0')
 			continue;
-		if (any)
+		if (!any)
+		{
+			initStringInfo(&buf);
+			appendStringInfoChar(&buf, '{');
+		}
+		else
 			appendStringInfoChar(&buf, ',');
 		escape_json(&buf, names[i]);
 		appendStringInfoChar(&buf, ':');
 		escape_json(&buf, values[i]);
 		any = true;
 	}
+	if (!any)
+		return NULL;
 	appendStringInfoChar(&buf, '}');
 	return DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data)));
 }

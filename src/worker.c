@@ -9,9 +9,10 @@
  * retries, delayed events and lease expiry (eventbox.naptime at most).  Each
  * cycle is one transaction running EventboxDeliver (deliver.c); once a
  * second a separate transaction calls eventbox._rotate() to reclaim log
- * storage.  Notifications are sent at its commit, together with the cursor moves that they report, so a
- * cycle that fails (a full notification queue, a lock timeout) rolls back
- * whole, is logged once and is retried with backoff: nothing is lost.
+ * storage.  Notifications are sent at its commit, together with the cursor
+ * moves that they report, so a cycle that fails (a full notification
+ * queue, a lock timeout) rolls back whole, is logged once and is retried
+ * with backoff: nothing is lost.
  *
  * The worker exits when the extension is dropped, on SIGTERM, and while its
  * database is being dropped (see EventboxStopWorker); a crash brings the
