@@ -28,6 +28,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PGBENCH = "/usr/lib/postgresql/15/bin/pgbench"
 PGQD_CANDIDATES = ["/usr/bin/pgqd", "/usr/sbin/pgqd"]
 
+# The hand-written outbox: status, retries and a partial index on pending rows.
+OUTBOX_TABLE = """
+        CREATE TABLE {name}(id bigserial primary key, event_type text not null,
+            aggregate_type text, aggregate_id text, payload jsonb not null,
+            status text not null default 'pending', retry_count int not null default 0,
+            next_retry_at timestamptz, published_at timestamptz, last_error text,
+            created_at timestamptz not null default now());
+        CREATE INDEX ON {name} (id) WHERE status = 'pending';"""
+
 # ~100 bytes of JSON, the same shape for every system.
 PAYLOAD_SQL = ("jsonb_build_object('order_id', {id}, 'customer_id', {cust}, "
                "'total', {total}, 'currency', 'EUR', 'note', 'benchmark payload 0123456789')")
@@ -186,19 +195,9 @@ class Bench:
         self.q("""
         CREATE TABLE orders(id bigserial primary key, customer_id int not null,
             total numeric(12,2) not null, created_at timestamptz not null default now());
-        CREATE TABLE event_outbox(id bigserial primary key, event_type text not null,
-            aggregate_type text, aggregate_id text, payload jsonb not null,
-            status text not null default 'pending', retry_count int not null default 0,
-            next_retry_at timestamptz, published_at timestamptz, last_error text,
-            created_at timestamptz not null default now());
-        CREATE INDEX ON event_outbox (id) WHERE status = 'pending';
+        """ + OUTBOX_TABLE.format(name="event_outbox") + """
         -- P3 only: the same table with a NOTIFY trigger (the outbox's best wake-up)
-        CREATE TABLE event_outbox_notify(id bigserial primary key, event_type text not null,
-            aggregate_type text, aggregate_id text, payload jsonb not null,
-            status text not null default 'pending', retry_count int not null default 0,
-            next_retry_at timestamptz, published_at timestamptz, last_error text,
-            created_at timestamptz not null default now());
-        CREATE INDEX ON event_outbox_notify (id) WHERE status = 'pending';
+        """ + OUTBOX_TABLE.format(name="event_outbox_notify") + """
         CREATE FUNCTION outbox_notify() RETURNS trigger LANGUAGE plpgsql AS
             $$ BEGIN PERFORM pg_notify('outbox', NEW.id::text); RETURN NULL; END $$;
         CREATE TRIGGER outbox_notify AFTER INSERT ON event_outbox_notify
