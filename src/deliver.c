@@ -313,9 +313,7 @@ deliver_wakeup(const char *subscription)
  * SPI connection.  Returns when the worker should run again at the latest:
  * now if a subscription had a full batch (a backlog), else the next due
  * time, or 0 if nothing is due.  *forwarded is set to the number of events
- * forwarded to push subscriptions, *once to whether any of them went to a
- * push_once subscription (whose cursor move must then be durable before
- * the notifications can be read).
+ * forwarded to push subscriptions.
  *
  * Steps 1, 3 and 4 (the timers) run at most every DELIVER_TIMER_MS: when
  * publishers commit thousands of times a second, each commit wakes the
@@ -324,7 +322,7 @@ deliver_wakeup(const char *subscription)
  * never more than DELIVER_TIMER_MS late.
  */
 TimestampTz
-EventboxDeliver(int batch, uint64 *forwarded, bool *once)
+EventboxDeliver(int batch, uint64 *forwarded)
 {
 	static TimestampTz timers_at = 0;
 	TimestampTz now = GetCurrentTimestamp();
@@ -341,7 +339,6 @@ EventboxDeliver(int batch, uint64 *forwarded, bool *once)
 
 	deliver_prepare_plans();
 	*forwarded = 0;
-	*once = false;
 
 	if (timers)
 	{
@@ -393,8 +390,6 @@ EventboxDeliver(int batch, uint64 *forwarded, bool *once)
 		else if (n > 0 && strcmp(notify, "wakeup") == 0)
 			Async_Notify(channel, deliver_wakeup(TextDatumGetCString(name)));
 		*forwarded += n;
-		if (n > 0 && strcmp(mode, "push_once") == 0)
-			*once = true;
 		if (n >= (uint64) batch)
 			more = true;		/* a backlog: come back at once */
 		SPI_freetuptable(rows);

@@ -16,6 +16,8 @@
 
 #include "postgres.h"
 
+#include "access/transam.h"
+#include "access/xlogdefs.h"
 #include "datatype/timestamp.h"
 #include "executor/spi.h"
 #include "storage/spin.h"
@@ -51,6 +53,15 @@ typedef struct EventboxSharedState
 	pid_t		launcher_pid;
 	int			launcher_procno;
 	int			nslots;
+	bool		after_crash;	/* the server did not shut down cleanly
+								 * before this start (set at init) */
+	TimestampTz started_at;		/* when this shared state was initialized */
+	XLogRecPtr	init_checkpoint;	/* the control file's last checkpoint
+									 * then */
+	FullTransactionId crash_boundary;	/* after_crash: no transaction that
+										 * ran before the crash has this or a
+										 * later id (see
+										 * EventboxCrashBoundary) */
 	EventboxDbSlot slots[FLEXIBLE_ARRAY_MEMBER];
 } EventboxSharedState;
 
@@ -90,9 +101,10 @@ extern void EventboxNotePublished(void);
 extern void EventboxWakeWorker(Oid dboid);
 extern void EventboxWakeLauncher(void);
 extern EventboxDbSlot *EventboxSlot(Oid dboid, bool create);
+extern void EventboxCrashBoundary(void);
 
 /* deliver.c */
-extern TimestampTz EventboxDeliver(int batch, uint64 *forwarded, bool *once);
+extern TimestampTz EventboxDeliver(int batch, uint64 *forwarded);
 
 /* launcher.c, worker.c */
 extern void EventboxRegisterLauncher(void);

@@ -274,6 +274,10 @@ EventboxLauncherMain(Datum main_arg)
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
 	BackgroundWorkerUnblockSignals();
+
+	/* first, while the first transactions after a crash are starting */
+	EventboxCrashBoundary();
+
 	BackgroundWorkerInitializeConnection(NULL, NULL, 0);
 	pgstat_report_appname("eventbox launcher");
 

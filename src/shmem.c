@@ -14,7 +14,13 @@
  */
 #include "postgres.h"
 
+#include <sys/stat.h>
+
+#include "access/transam.h"
 #include "access/xact.h"
+#include "access/xlog.h"
+#include "catalog/pg_control.h"
+#include "common/controldata_utils.h"
 #include "eventbox.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
@@ -22,6 +28,7 @@
 #include "storage/proc.h"
 #include "storage/shmem.h"
 #include "storage/spin.h"
+#include "utils/timestamp.h"
 
 EventboxSharedState *EventboxShared = NULL;
 
@@ -46,6 +53,76 @@ shmem_request(void)
 	RequestAddinShmemSpace(shmem_size());
 }
 
+/*
+ * shmem_after_crash tells whether the WAL of the server's last run may end
+ * before what it had written: whether the run did not end with a shutdown
+ * checkpoint.  The postmaster asks before the startup process has looked at
+ * the control file, at the first start and again when it reinitializes
+ * after a crash (the file then still says "in production").  A standby, or
+ * a server recovering from an archive, is not counted: what it replays is
+ * what another server committed.  Also records the last checkpoint, for
+ * EventboxCrashBoundary.
+ */
+static bool
+shmem_after_crash(XLogRecPtr *checkpoint)
+{
+	ControlFileData *control;
+	bool		crc_ok;
+	bool		clean;
+	struct stat st;
+
+	*checkpoint = InvalidXLogRecPtr;
+	if (IsUnderPostmaster)
+		return false;			/* EXEC_BACKEND: the postmaster has decided */
+	control = get_controlfile(DataDir, &crc_ok);
+	clean = crc_ok && (control->state == DB_SHUTDOWNED ||
+					   control->state == DB_SHUTDOWNED_IN_RECOVERY);
+	if (crc_ok)
+		*checkpoint = control->checkPoint;
+	pfree(control);
+	if (stat(STANDBY_SIGNAL_FILE, &st) == 0 || stat(RECOVERY_SIGNAL_FILE, &st) == 0)
+		return false;
+	return !clean;
+}
+
+/*
+ * EventboxCrashBoundary records, after a crash, the first transaction id
+ * that the server assigns after its recovery.  The launcher calls it when
+ * it starts, before any worker.  Crash recovery ends with a checkpoint
+ * taken before any connection is let in, so its next transaction id is
+ * that boundary; if the control file shows no checkpoint newer than the
+ * one it had at startup, the next id now is used, which can only be later
+ * (and then some events of the first transactions after the restart are
+ * taken for events from before the crash, see worker_reset_push_once).
+ */
+void
+EventboxCrashBoundary(void)
+{
+	ControlFileData *control;
+	bool		crc_ok;
+	FullTransactionId boundary;
+
+	if (EventboxShared == NULL || !EventboxShared->after_crash)
+		return;
+	SpinLockAcquire(&EventboxShared->mutex);
+	boundary = EventboxShared->crash_boundary;
+	SpinLockRelease(&EventboxShared->mutex);
+	if (FullTransactionIdIsValid(boundary))
+		return;
+
+	control = get_controlfile(DataDir, &crc_ok);
+	if (crc_ok && control->checkPoint > EventboxShared->init_checkpoint)
+		boundary = control->checkPointCopy.nextXid;
+	else
+		boundary = ReadNextFullTransactionId();
+	pfree(control);
+
+	SpinLockAcquire(&EventboxShared->mutex);
+	if (!FullTransactionIdIsValid(EventboxShared->crash_boundary))
+		EventboxShared->crash_boundary = boundary;
+	SpinLockRelease(&EventboxShared->mutex);
+}
+
 static void
 shmem_startup(void)
 {
@@ -62,6 +139,9 @@ shmem_startup(void)
 		SpinLockInit(&EventboxShared->mutex);
 		EventboxShared->launcher_procno = -1;
 		EventboxShared->nslots = eventbox_max_databases;
+		EventboxShared->after_crash =
+			shmem_after_crash(&EventboxShared->init_checkpoint);
+		EventboxShared->started_at = GetCurrentTimestamp();
 	}
 	LWLockRelease(AddinShmemInitLock);
 }

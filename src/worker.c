@@ -50,6 +50,7 @@ static SPIPlanPtr rotate_plan = NULL;
 static Oid	worker_dboid = InvalidOid;
 static TransactionId worker_settled_xid = InvalidTransactionId;
 static char *worker_dbname = NULL;
+static bool worker_reset_done = false;	/* see worker_reset_push_once */
 
 static void
 worker_detach(int code, Datum arg)
@@ -136,6 +137,98 @@ worker_set_state(EventboxSlotState state)
 }
 
 /*
+ * After a crash, the first cycle of a database's worker moves the cursors
+ * of its push_once subscriptions past every event committed before the
+ * crash (the transactions below EventboxCrashBoundary), and drops their
+ * retry rows (delayed events) that were due by then.  Returns false if the
+ * boundary is not known yet.
+ * A cursor counts as from before the crash if it was last moved before the
+ * shared state was initialized: a worker that runs this again (after it
+ * restarted) finds the cursors it already moved, and the cursors of
+ * subscriptions and databases created since, newer, and leaves them alone.
+ *
+ * push_once promises at most once, and the worker commits without waiting
+ * for its WAL flush (see EventboxWorkerMain).  Listeners read a
+ * notification as soon as the sending transaction shows as committed,
+ * which for an asynchronous commit is before its WAL is flushed, so a crash
+ * can undo the cursor move of a cycle whose notifications were already
+ * read; sent again, they would arrive twice.  Which events the lost cycles
+ * covered is not known, so all events committed before the crash count as
+ * delivered.  What this gives up is events that were committed but not yet
+ * forwarded when the server crashed.  No listener can tell the difference:
+ * a crash disconnects every listener and empties the notification queue
+ * (whatever was queued and not yet read is lost with it), so a listener
+ * must catch up with eventbox.timeline() after a crash in any case.
+ *
+ * The alternative, a cycle that waits for its flush, put one more fsync in
+ * the queue that synchronously committing publishers wait in, per cycle:
+ * with one publishing client that halved its rate.
+ */
+static bool
+worker_reset_push_once(void)
+{
+	static SPIPlanPtr plan = NULL;
+	Datum		args[2];
+	FullTransactionId boundary;
+	bool		isnull;
+	int64		subs;
+	int64		delayed;
+
+	SpinLockAcquire(&EventboxShared->mutex);
+	boundary = EventboxShared->crash_boundary;
+	SpinLockRelease(&EventboxShared->mutex);
+	if (!FullTransactionIdIsValid(boundary))
+		return false;			/* the launcher has not recorded it yet */
+
+	if (plan == NULL)
+	{
+		Oid			types[2] = {TIMESTAMPTZOID, INT8OID};
+
+		/*
+		 * The new cursor sees every transaction below the boundary that is
+		 * not in progress now (a prepared one can be): all that committed
+		 * before the crash, none that started after it.
+		 */
+		plan = EventboxPreparePlan(
+								   "WITH b AS (SELECT $2::text::pg_catalog.xid8 AS b),"
+								   " x AS (SELECT pg_catalog.string_agg(x::text, ',' ORDER BY x) AS xip,"
+								   "              pg_catalog.min(x) AS lo"
+								   "       FROM pg_catalog.pg_snapshot_xip(pg_catalog.pg_current_snapshot()) x, b"
+								   "       WHERE x < b.b),"
+								   " n AS (SELECT (COALESCE(x.lo, b.b)::text || ':' || b.b::text || ':'"
+								   "               || COALESCE(x.xip, ''))::pg_catalog.pg_snapshot AS snap"
+								   "       FROM x, b),"
+								   " s AS (SELECT sub_id FROM eventbox.subscriptions"
+								   "       WHERE mode = 'push_once'),"
+								   " c AS (UPDATE eventbox.cursors c"
+								   "       SET snap = n.snap, target = NULL, pos_txid = '0', pos_id = 0,"
+								   "           updated_at = pg_catalog.now()"
+								   "       FROM s, n WHERE c.sub_id = s.sub_id AND c.updated_at < $1"
+								   "       RETURNING c.sub_id),"
+								   " r AS (DELETE FROM eventbox.retries r USING s"
+								   "       WHERE r.sub_id = s.sub_id AND r.next_attempt_at < $1"
+								   "       RETURNING r.id)"
+								   " SELECT (SELECT pg_catalog.count(DISTINCT sub_id) FROM c),"
+								   "        (SELECT pg_catalog.count(*) FROM r)",
+								   2, types);
+	}
+	args[0] = TimestampTzGetDatum(EventboxShared->started_at);
+	args[1] = Int64GetDatum((int64) U64FromFullTransactionId(boundary));
+	pgstat_report_activity(STATE_RUNNING, "moving push_once cursors past the crash");
+	EventboxExecPlan(plan, args, NULL, SPI_OK_SELECT, "push_once reset");
+	subs = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	delayed = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+	if (subs > 0)
+		ereport(LOG,
+				(errmsg("eventbox worker: push_once delivery in database \"%s\" resumes after the events committed before the crash",
+						worker_dbname),
+				 errdetail("Subscriptions moved: %lld; due delayed events dropped: %lld. Events that were not yet forwarded when the server crashed count as delivered, so that none is sent twice.",
+						   (long long) subs, (long long) delayed),
+				 errhint("Listeners catch up with eventbox.timeline().")));
+	return true;
+}
+
+/*
  * worker_cycle runs one delivery cycle, or with `rotate` one log rotation
  * step, in its own transaction.  Returns false if it failed (the
  * transaction was rolled back); *installed tells whether the extension
@@ -148,6 +241,7 @@ worker_cycle(bool rotate, bool *installed, TimestampTz *next_due,
 {
 	MemoryContext outer = CurrentMemoryContext;
 	volatile bool ok = true;
+	volatile bool reset = !rotate && EventboxShared->after_crash && !worker_reset_done;
 
 	*next_due = 0;
 	*forwarded = 0;
@@ -186,28 +280,19 @@ worker_cycle(bool rotate, bool *installed, TimestampTz *next_due,
 			}
 			else
 			{
-				bool		once = false;
-
+				if (reset && !worker_reset_push_once())
+					reset = false;	/* look again next cycle */
 				pgstat_report_activity(STATE_RUNNING, "delivering events");
 				EventboxPushSearchPath();
-				*next_due = EventboxDeliver(eventbox_batch_size, forwarded, &once);
+				*next_due = EventboxDeliver(eventbox_batch_size, forwarded);
 				EventboxPopSearchPath();
-
-				/*
-				 * push_once promises at most once: its cursor move must be
-				 * durable before listeners can read the notifications, which
-				 * they can as soon as the commit is visible.  So such a cycle
-				 * waits for its WAL flush (the setting applies to this
-				 * process only and is put back after the commit).
-				 */
-				if (once)
-					synchronous_commit = SYNCHRONOUS_COMMIT_ON;
 			}
 			SPI_finish();
 		}
 		PopActiveSnapshot();
 		CommitTransactionCommand();
-		synchronous_commit = SYNCHRONOUS_COMMIT_OFF;
+		if (reset)
+			worker_reset_done = true;
 	}
 	PG_CATCH();
 	{
@@ -217,7 +302,6 @@ worker_cycle(bool rotate, bool *installed, TimestampTz *next_due,
 		edata = CopyErrorData();
 		FlushErrorState();
 		AbortCurrentTransaction();
-		synchronous_commit = SYNCHRONOUS_COMMIT_OFF;
 		if (failures == 0)
 			ereport(LOG,
 					(errmsg("eventbox worker cycle failed: %s", edata->message),
@@ -283,13 +367,13 @@ EventboxWorkerMain(Datum main_arg)
 	SetConfigOption("lock_timeout", "5s", PGC_SUSET, PGC_S_OVERRIDE);
 
 	/*
-	 * The worker's transactions do not wait for their WAL flush, unless
-	 * they delivered push_once events (see worker_cycle).  Events are
-	 * durable in the publishers' own commits; what a crash can undo here is
-	 * only cursor moves, lease expiries and truncations, which are then
-	 * done again: a push notification or a wake-up may be sent twice,
-	 * nothing is lost.  Waiting would put one more flush per delivery cycle
-	 * in the queue that the publishers' commits wait in.
+	 * The worker's transactions do not wait for their WAL flush.  Events
+	 * are durable in the publishers' own commits; what a crash can undo
+	 * here is only cursor moves, lease expiries and truncations, which are
+	 * then done again: a push notification or a wake-up may be sent twice,
+	 * nothing is lost (push_once cursors move past the crash instead, see
+	 * worker_reset_push_once).  Waiting would put one more flush per delivery
+	 * cycle in the queue that the publishers' commits wait in.
 	 */
 	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_OVERRIDE);
 

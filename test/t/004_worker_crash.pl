@@ -458,6 +458,12 @@ note "server log: $sigkills process(es) terminated by signal 9, $reinit crash re
   . "by the postmaster, $recoveries crash recoveries";
 is($sigkills, scalar(grep { $_->[1] eq 'worker' } @crashes),
 	'the server log shows each worker kill');
+# push_once: after each crash the worker moves the default subscription's
+# cursor past the events committed before it (its moves were asynchronous)
+my $resets = () = $log =~ /push_once delivery in database "postgres" resumes after the events committed before the crash/g;
+note "push_once cursor moves past a crash: $resets";
+ok($resets >= $recoveries && $recoveries > 0,
+	'after every crash recovery the push_once cursors move past the crash');
 my @cycle_failures = $log =~ /(eventbox worker cycle failed: [^\n]*)/g;
 note "worker cycle failures logged: " . scalar(@cycle_failures)
   . (@cycle_failures ? "\n  " . join("\n  ", @cycle_failures[0 .. ($#cycle_failures < 9 ? $#cycle_failures : 9)]) : '');
