@@ -45,6 +45,9 @@
 PG_FUNCTION_INFO_V1(publish);
 PG_FUNCTION_INFO_V1(publish_batch);
 
+/* publish_batch writes this many rows with one heap_multi_insert */
+#define PUBLISH_MULTI_INSERT 1000
+
 /* field4 of our advisory lock tags: SQL's advisory locks use 1 and 2 */
 #define EVENTBOX_DEDUPE_LOCK_FIELD4 0x4542
 
@@ -61,7 +64,6 @@ typedef struct PublishEvent
 	TimestampTz deliver_at;
 } PublishEvent;
 
-static SPIPlanPtr publish_batch_plan = NULL;
 static SPIPlanPtr publish_dedupe_plan = NULL;
 
 /*
@@ -331,44 +333,71 @@ publish_current_partition(Oid nsp)
 }
 
 /*
- * publish_insert writes one event into the current log partition and
- * returns its id.  It inserts the heap tuple and its index entries itself
- * instead of running an INSERT: routing a row through the partitioned
- * table means setting up an executor, a partition router and the
- * partition's five indexes for every statement, which cost more than the
- * insert itself.  Locks are those an INSERT takes on the partition; the
- * log has no triggers, and its partition constraint (part = cur) holds by
+ * The current log partition, opened for inserts.  Events are written by
+ * inserting the heap tuples and their index entries directly instead of
+ * running an INSERT: routing a row through the partitioned table means
+ * setting up an executor, a partition router and the partition's five
+ * indexes for every statement, which cost more than the insert itself.
+ * Locks are those an INSERT takes on the partition; the log has no
+ * triggers, and its partition constraint (part = cur) holds by
  * construction.
  */
-static int64
-publish_insert(PublishEvent *ev, pg_uuid_t *uuid)
+typedef struct PublishTarget
 {
-	Oid			nsp = get_namespace_oid("eventbox", false);
-	int			cur = publish_current_partition(nsp);
-	char		relname[NAMEDATALEN];
 	Relation	rel;
-	TupleDesc	desc;
-	Datum		values[PUBLISH_LOG_NATTS];
-	bool		nulls[PUBLISH_LOG_NATTS];
-	int64		id;
+	int			part;
+	Oid			seq;			/* eventbox.log_id_seq */
 	EState	   *estate;
 	ResultRelInfo *rri;
-	TupleTableSlot *slot;
+} PublishTarget;
+
+static void
+publish_open(PublishTarget *t)
+{
+	Oid			nsp = get_namespace_oid("eventbox", false);
+	char		relname[NAMEDATALEN];
+	TupleDesc	desc;
 	int			i;
 
-	snprintf(relname, sizeof(relname), "log_%d", cur);
-	rel = table_open(publish_relid(nsp, relname), RowExclusiveLock);
-	desc = RelationGetDescr(rel);
+	t->part = publish_current_partition(nsp);
+	snprintf(relname, sizeof(relname), "log_%d", t->part);
+	t->rel = table_open(publish_relid(nsp, relname), RowExclusiveLock);
+	desc = RelationGetDescr(t->rel);
 	if (desc->natts != (int) PUBLISH_LOG_NATTS)
 		elog(ERROR, "eventbox: unexpected columns in eventbox.%s", relname);
 	for (i = 0; i < (int) PUBLISH_LOG_NATTS; i++)
 		if (strcmp(NameStr(TupleDescAttr(desc, i)->attname), publish_log_columns[i]) != 0)
 			elog(ERROR, "eventbox: unexpected columns in eventbox.%s", relname);
+	t->seq = publish_relid(nsp, "log_id_seq");
+	t->estate = CreateExecutorState();
+	t->rri = makeNode(ResultRelInfo);
+	InitResultRelInfo(t->rri, t->rel, 1, NULL, 0);
+	ExecOpenIndices(t->rri, false);
+}
 
-	id = nextval_internal(publish_relid(nsp, "log_id_seq"), true);
+static TupleTableSlot *
+publish_slot(PublishTarget *t)
+{
+	return ExecInitExtraTupleSlot(t->estate, RelationGetDescr(t->rel),
+								  table_slot_callbacks(t->rel));
+}
 
-	memset(nulls, false, sizeof(nulls));
-	values[0] = Int16GetDatum(cur);
+/*
+ * publish_fill stores event ev, with a new id (returned), as a log row in
+ * slot.
+ */
+static int64
+publish_fill(PublishTarget *t, PublishEvent *ev, pg_uuid_t *uuid, TupleTableSlot *slot)
+{
+	Datum	   *values;
+	bool	   *nulls;
+	int64		id = nextval_internal(t->seq, true);
+
+	ExecClearTuple(slot);
+	values = slot->tts_values;
+	nulls = slot->tts_isnull;
+	memset(nulls, false, sizeof(bool) * PUBLISH_LOG_NATTS);
+	values[0] = Int16GetDatum(t->part);
 	values[1] = Int64GetDatum(id);
 	values[2] = FullTransactionIdGetDatum(GetTopFullTransactionId());
 	values[3] = UUIDPGetDatum(uuid);
@@ -384,23 +413,57 @@ publish_insert(PublishEvent *ev, pg_uuid_t *uuid)
 	nulls[10] = !ev->has_deliver_at;
 	values[11] = PointerGetDatum(ev->dedupe_key);
 	nulls[11] = (ev->dedupe_key == NULL);
+	ExecStoreVirtualTuple(slot);
+	ExecConstraints(t->rri, slot, t->estate);
+	return id;
+}
 
-	estate = CreateExecutorState();
-	rri = makeNode(ResultRelInfo);
-	InitResultRelInfo(rri, rel, 1, NULL, 0);
-	ExecOpenIndices(rri, false);
-	slot = ExecInitExtraTupleSlot(estate, desc, &TTSOpsHeapTuple);
-	ExecStoreHeapTuple(heap_form_tuple(desc, values, nulls), slot, false);
-	ExecConstraints(rri, slot, estate);
-	simple_table_tuple_insert(rel, slot);
-	(void) ExecInsertIndexTuples(rri, slot, estate, false, false, NULL, NIL);
-	ExecCloseIndices(rri);
-	ExecResetTupleTable(estate->es_tupleTable, false);
-	FreeExecutorState(estate);
-	table_close(rel, NoLock);
+/*
+ * publish_write inserts the rows of n filled slots and their index entries:
+ * one heap_multi_insert (as COPY does; it logs one WAL record per page, not
+ * one per row) and then the index entries of each.
+ */
+static void
+publish_write(PublishTarget *t, TupleTableSlot **slots, int n)
+{
+	int			i;
 
-	/* later commands of the transaction see the event, as after an INSERT */
+	if (n == 1)
+		simple_table_tuple_insert(t->rel, slots[0]);
+	else
+		table_multi_insert(t->rel, slots, n, GetCurrentCommandId(true), 0, NULL);
+	for (i = 0; i < n; i++)
+		(void) ExecInsertIndexTuples(t->rri, slots[i], t->estate, false, false, NULL, NIL);
+}
+
+static void
+publish_close(PublishTarget *t)
+{
+	ExecCloseIndices(t->rri);
+	ExecResetTupleTable(t->estate->es_tupleTable, false);
+	FreeExecutorState(t->estate);
+	table_close(t->rel, NoLock);
+
+	/* later commands of the transaction see the events, as after an INSERT */
 	CommandCounterIncrement();
+}
+
+/*
+ * publish_insert writes one event into the current log partition and
+ * returns its id.
+ */
+static int64
+publish_insert(PublishEvent *ev, pg_uuid_t *uuid)
+{
+	PublishTarget t;
+	TupleTableSlot *slot;
+	int64		id;
+
+	publish_open(&t);
+	slot = publish_slot(&t);
+	id = publish_fill(&t, ev, uuid, slot);
+	publish_write(&t, &slot, 1);
+	publish_close(&t);
 	return id;
 }
 
@@ -572,25 +635,11 @@ publish_batch_parse(JsonbValue *elem, int index, PublishEvent *ev,
 		ev->headers = publish_empty_object(empty);
 }
 
-/* qsort comparator for the (event_id, id) pairs that the batch insert returns */
-typedef struct PublishedPair
-{
-	pg_uuid_t	event_id;
-	int64		id;
-} PublishedPair;
-
-static int
-publish_pair_cmp(const void *a, const void *b)
-{
-	return memcmp(&((const PublishedPair *) a)->event_id,
-				  &((const PublishedPair *) b)->event_id, UUID_LEN);
-}
-
 /*
- * publish_batch(events jsonb) publishes an array of events with one
- * set-based insert and returns their ids in input order.  A member with a
- * dedupe_key seen inside the window (or earlier in the same batch) returns
- * the first event's id instead.
+ * publish_batch(events jsonb) publishes an array of events, written
+ * PUBLISH_MULTI_INSERT rows at a time, and returns their ids in input
+ * order.  A member with a dedupe_key seen inside the window (or earlier in
+ * the same batch) returns the first event's id instead.
  */
 Datum
 publish_batch(PG_FUNCTION_ARGS)
@@ -608,15 +657,6 @@ publish_batch(PG_FUNCTION_ARGS)
 	PublishEvent *evs;
 	int64	   *ids;
 	pg_uuid_t  *uuids;
-	ArrayBuildState *a_uuid,
-			   *a_type,
-			   *a_atype,
-			   *a_aid,
-			   *a_payload,
-			   *a_headers,
-			   *a_deliver,
-			   *a_dedupe;
-	MemoryContext callerctx = CurrentMemoryContext;
 
 	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
 
@@ -656,15 +696,6 @@ publish_batch(PG_FUNCTION_ARGS)
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "eventbox: SPI_connect failed");
 
-	a_uuid = initArrayResult(UUIDOID, callerctx, false);
-	a_type = initArrayResult(TEXTOID, callerctx, false);
-	a_atype = initArrayResult(TEXTOID, callerctx, false);
-	a_aid = initArrayResult(TEXTOID, callerctx, false);
-	a_payload = initArrayResult(JSONBOID, callerctx, false);
-	a_headers = initArrayResult(JSONBOID, callerctx, false);
-	a_deliver = initArrayResult(TIMESTAMPTZOID, callerctx, false);
-	a_dedupe = initArrayResult(TEXTOID, callerctx, false);
-
 	for (i = 0; i < n; i++)
 	{
 		PublishEvent *ev = &evs[i];
@@ -684,92 +715,40 @@ publish_batch(PG_FUNCTION_ARGS)
 			}
 			if (ids[i] == 0)
 				ids[i] = publish_dedupe(ev->dedupe_key);
-			if (ids[i] != 0)
-				continue;
 		}
-
-		EventboxGenerateUuidV7(&uuids[i]);
-		accumArrayResult(a_uuid, UUIDPGetDatum(&uuids[i]), false, UUIDOID, callerctx);
-		accumArrayResult(a_type, PointerGetDatum(ev->event_type), false, TEXTOID, callerctx);
-		accumArrayResult(a_atype, PointerGetDatum(ev->aggregate_type),
-						 ev->aggregate_type == NULL, TEXTOID, callerctx);
-		accumArrayResult(a_aid, PointerGetDatum(ev->aggregate_id),
-						 ev->aggregate_id == NULL, TEXTOID, callerctx);
-		accumArrayResult(a_payload, JsonbPGetDatum(ev->payload), false, JSONBOID, callerctx);
-		accumArrayResult(a_headers, JsonbPGetDatum(ev->headers), false, JSONBOID, callerctx);
-		accumArrayResult(a_deliver, TimestampTzGetDatum(ev->deliver_at),
-						 !ev->has_deliver_at, TIMESTAMPTZOID, callerctx);
-		accumArrayResult(a_dedupe, PointerGetDatum(ev->dedupe_key),
-						 ev->dedupe_key == NULL, TEXTOID, callerctx);
-		nnew++;
-	}
-
-	if (nnew > 0)
-	{
-		Datum		values[10];
-		int			rc;
-		PublishedPair *pairs;
-		int			k;
-
-		if (publish_batch_plan == NULL)
-		{
-			Oid			types[10] = {XID8OID, TIMESTAMPTZOID, UUIDARRAYOID,
-				TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, JSONBARRAYOID,
-			JSONBARRAYOID, TIMESTAMPTZARRAYOID, TEXTARRAYOID};
-
-			publish_batch_plan = EventboxPreparePlan(
-													 "INSERT INTO eventbox.log (part, id, txid, event_id, event_type,"
-													 " aggregate_type, aggregate_id, payload, headers, occurred_at,"
-													 " deliver_at, dedupe_key)"
-													 " SELECT (SELECT cur FROM eventbox.rotation),"
-													 " pg_catalog.nextval('eventbox.log_id_seq'::pg_catalog.regclass),"
-													 " $1, e.u, e.t, e.at, e.aid, e.p, e.h, $2, e.d, e.k"
-													 " FROM ROWS FROM (pg_catalog.unnest($3), pg_catalog.unnest($4),"
-													 " pg_catalog.unnest($5), pg_catalog.unnest($6), pg_catalog.unnest($7),"
-													 " pg_catalog.unnest($8), pg_catalog.unnest($9), pg_catalog.unnest($10))"
-													 "  AS e(u, t, at, aid, p, h, d, k)"
-													 " RETURNING event_id, id",
-													 10, types);
-		}
-		values[0] = FullTransactionIdGetDatum(GetTopFullTransactionId());
-		values[1] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
-		values[2] = makeArrayResult(a_uuid, callerctx);
-		values[3] = makeArrayResult(a_type, callerctx);
-		values[4] = makeArrayResult(a_atype, callerctx);
-		values[5] = makeArrayResult(a_aid, callerctx);
-		values[6] = makeArrayResult(a_payload, callerctx);
-		values[7] = makeArrayResult(a_headers, callerctx);
-		values[8] = makeArrayResult(a_deliver, callerctx);
-		values[9] = makeArrayResult(a_dedupe, callerctx);
-
-		rc = SPI_execute_plan(publish_batch_plan, values, NULL, false, 0);
-		if (rc != SPI_OK_INSERT_RETURNING || SPI_processed != (uint64) nnew)
-			elog(ERROR, "eventbox: batch insert failed: %s", SPI_result_code_string(rc));
-
-		/*
-		 * Map the returned ids back to input positions: this backend's
-		 * UUIDv7s increase strictly, so sorting by event_id restores input
-		 * order.
-		 */
-		pairs = MemoryContextAlloc(callerctx, sizeof(PublishedPair) * nnew);
-		for (k = 0; k < nnew; k++)
-		{
-			bool		isnull;
-			HeapTuple	tup = SPI_tuptable->vals[k];
-
-			memcpy(&pairs[k].event_id,
-				   DatumGetUUIDP(SPI_getbinval(tup, SPI_tuptable->tupdesc, 1, &isnull)),
-				   UUID_LEN);
-			pairs[k].id = DatumGetInt64(SPI_getbinval(tup, SPI_tuptable->tupdesc, 2, &isnull));
-		}
-		qsort(pairs, nnew, sizeof(PublishedPair), publish_pair_cmp);
-		k = 0;
-		for (i = 0; i < n; i++)
-			if (ids[i] == 0)
-				ids[i] = pairs[k++].id;
+		if (ids[i] == 0)
+			nnew++;
 	}
 	SPI_finish();
 	EventboxPopSearchPath();
+
+	if (nnew > 0)
+	{
+		PublishTarget t;
+		int			nslots = Min(nnew, PUBLISH_MULTI_INSERT);
+		TupleTableSlot **slots = palloc(sizeof(TupleTableSlot *) * nslots);
+		int			used = 0;
+
+		publish_open(&t);
+		for (i = 0; i < nslots; i++)
+			slots[i] = publish_slot(&t);
+		for (i = 0; i < n; i++)
+		{
+			if (ids[i] != 0)
+				continue;
+			CHECK_FOR_INTERRUPTS();
+			EventboxGenerateUuidV7(&uuids[i]);
+			ids[i] = publish_fill(&t, &evs[i], &uuids[i], slots[used++]);
+			if (used == nslots)
+			{
+				publish_write(&t, slots, used);
+				used = 0;
+			}
+		}
+		if (used > 0)
+			publish_write(&t, slots, used);
+		publish_close(&t);
+	}
 	EventboxNotePublished();
 
 	for (i = 0; i < n; i++)
