@@ -62,6 +62,7 @@ typedef struct ConsumeSub
 typedef struct ClaimState
 {
 	ConsumeSub *sub;
+	Datum		sub_name;		/* sub->name as text, for each delivery */
 	bool		no_lease;		/* push_once: delivery needs no lease */
 	int			want;			/* events still wanted */
 	ReturnSetInfo *rsinfo;
@@ -199,15 +200,24 @@ consume_sub(text *name, MemoryContext ctx)
 static void
 claim_emit(ClaimState *st, int row, int attempt)
 {
+	Datum		row_values[LC_DELIVER];
+	bool		row_nulls[LC_DELIVER];
 	Datum		values[12];
 	bool		nulls[12];
 	int			cols[8] = {LC_ID, LC_EVENT_ID, LC_TYPE, LC_ATYPE, LC_AID,
 	LC_PAYLOAD, LC_HEADERS, LC_OCCURRED};
 	int			i;
 
+	/* one pass over the row: most columns follow variable-length ones */
+	Assert(SPI_tuptable->tupdesc->natts == LC_DELIVER);
+	heap_deform_tuple(SPI_tuptable->vals[row], SPI_tuptable->tupdesc,
+					  row_values, row_nulls);
 	for (i = 0; i < 8; i++)
-		values[i] = consume_col(row, cols[i], &nulls[i]);
-	values[8] = CStringGetTextDatum(st->sub->name);
+	{
+		values[i] = row_values[cols[i] - 1];
+		nulls[i] = row_nulls[cols[i] - 1];
+	}
+	values[8] = st->sub_name;
 	nulls[8] = false;
 	values[9] = Int32GetDatum(attempt);
 	nulls[9] = false;
@@ -999,6 +1009,12 @@ claim_common(FunctionCallInfo fcinfo, bool for_worker)
 	consume_prepare_claim_plans();
 
 	st.sub = consume_sub(PG_ARGISNULL(1) ? NULL : PG_GETARG_TEXT_PP(1), st.ctx);
+	{
+		MemoryContext old = MemoryContextSwitchTo(st.ctx);
+
+		st.sub_name = PointerGetDatum(cstring_to_text(st.sub->name));
+		MemoryContextSwitchTo(old);
+	}
 	if (for_worker)
 	{
 		if (strcmp(st.sub->mode, "pull") == 0)
