@@ -87,7 +87,13 @@ deliver_prepare_plans(void)
 									 "SELECT * FROM eventbox._claim_push($1, $2)",
 									 2, t_claim);
 
-	/* pull subscriptions with due events, and their wake-up text */
+	/*
+	 * Pull subscriptions with due events, and their wake-up text.  Each
+	 * cursor is probed for its first claimable event in (txid, id) order, so
+	 * that the probe is an index scan that stops at the first match; the
+	 * set-returning eventbox._pending() (which the stats view counts with)
+	 * was planned as a scan of the whole log, every DELIVER_TIMER_MS.
+	 */
 	plan_pull_wake = EventboxPreparePlan(
 										 "SELECT s.channel, CASE s.notify"
 										 "  WHEN 'wakeup' THEN jsonb_build_object('subscription', s.name,"
@@ -96,10 +102,22 @@ deliver_prepare_plans(void)
 										 "                          'notify', s.notify)::text END"
 										 " FROM eventbox.subscriptions s"
 										 " WHERE s.mode = 'pull' AND s.notify <> 'none' AND NOT s.paused"
-										 " AND (EXISTS (SELECT FROM eventbox._pending(s) p"
-										 "              WHERE p.deliver_at IS NULL OR p.deliver_at <= $1)"
-										 "      OR EXISTS (SELECT FROM eventbox.retries r"
-										 "                 WHERE r.sub_id = s.sub_id AND r.next_attempt_at <= $1))"
+										 " AND (EXISTS (SELECT FROM eventbox.retries r"
+										 "              WHERE r.sub_id = s.sub_id AND r.next_attempt_at <= $1)"
+										 "      OR EXISTS (SELECT FROM eventbox.cursors c CROSS JOIN LATERAL"
+										 "        (SELECT FROM eventbox.log l"
+										 "         WHERE l.txid >= pg_snapshot_xmin(c.snap)"
+										 "           AND NOT pg_visible_in_snapshot(l.txid, c.snap)"
+										 "           AND NOT (c.target IS NOT NULL"
+										 "                    AND pg_visible_in_snapshot(l.txid, c.target)"
+										 "                    AND CASE WHEN s.lanes > 1 THEN l.id <= c.pos_id"
+										 "                        ELSE (l.txid, l.id) <= (c.pos_txid, c.pos_id) END)"
+										 "           AND (s.type_regex IS NULL OR l.event_type ~ s.type_regex)"
+										 "           AND (s.lanes = 1 OR eventbox._lane(l.aggregate_type,"
+										 "                l.aggregate_id, l.id, s.lanes) = c.lane)"
+										 "           AND (l.deliver_at IS NULL OR l.deliver_at <= $1)"
+										 "         ORDER BY l.txid LIMIT 1) p"
+										 "        WHERE c.sub_id = s.sub_id))"
 										 " ORDER BY s.sub_id",
 										 1, t_ts);
 	plan_next_due = EventboxPreparePlan(

@@ -367,6 +367,13 @@ EventboxWorkerMain(Datum main_arg)
 	SetConfigOption("lock_timeout", "5s", PGC_SUSET, PGC_S_OVERRIDE);
 
 	/*
+	 * The cycle's statements are short, but their generic plans can be
+	 * estimated above jit_above_cost, and JIT compiles again on every
+	 * execution: hundreds of milliseconds per cycle.
+	 */
+	SetConfigOption("jit", "off", PGC_SUSET, PGC_S_OVERRIDE);
+
+	/*
 	 * The worker's transactions do not wait for their WAL flush.  Events
 	 * are durable in the publishers' own commits; what a crash can undo
 	 * here is only cursor moves, lease expiries and truncations, which are
