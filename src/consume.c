@@ -536,38 +536,42 @@ static int
 claim_window_xip(ClaimState *st, Datum *args, int lane,
 				 Datum *pos_txid, Datum *pos_id, bool *stopped)
 {
-	int64		limit = DatumGetInt64(args[7]);
-	int			got = 0;
 	int			nxips;
 	uint64	   *xips;
+	Datum	   *visible;
+	int			nvisible = 0;
 	int			i;
+	Datum		xargs[9];
 
 	xips = consume_snapshot_xip(args[0], DatumGetUInt64(*pos_txid), &nxips);
 	if (nxips == 0)
 		return 0;
 
-	for (i = 0; i < nxips && got < limit && !*stopped; i++)
-	{
-		Datum		xargs[8];
+	/*
+	 * A transaction still in progress in the target snapshot has nothing in
+	 * this window (the query's visibility filter would drop its rows): leave
+	 * it out.  Under many concurrent publishers most of the in-progress list
+	 * is such transactions.  The others are read with one query: starting
+	 * an executor over the partitions and their indexes costs more than
+	 * reading a few events, and a cycle used to start one per transaction.
+	 */
+	visible = palloc(sizeof(Datum) * nxips);
+	for (i = 0; i < nxips; i++)
+		if (DatumGetBool(DirectFunctionCall2(pg_visible_in_snapshot,
+											 UInt64GetDatum(xips[i]), args[3])))
+			visible[nvisible++] = UInt64GetDatum(xips[i]);
+	if (nvisible == 0)
+		return 0;
 
-		/*
-		 * A transaction still in progress in the target snapshot has
-		 * nothing in this window (the query's visibility filter would drop
-		 * its rows): skip the query.  Under many concurrent publishers most
-		 * of the in-progress list is such transactions.
-		 */
-		if (!DatumGetBool(DirectFunctionCall2(pg_visible_in_snapshot,
-											  UInt64GetDatum(xips[i]), args[3])))
-			continue;
-
-		memcpy(xargs, args, sizeof(xargs));
-		xargs[1] = UInt64GetDatum(xips[i]);
-		/* inside the position's own transaction, continue after it */
-		xargs[2] = (xips[i] == DatumGetUInt64(*pos_txid)) ? *pos_id : Int64GetDatum(0);
-		xargs[7] = Int64GetDatum(limit - got);
-		got += claim_window(st, plan_xip, xargs, lane, pos_txid, pos_id, stopped);
-	}
-	return got;
+	memcpy(xargs, args, sizeof(Datum) * 8);
+	xargs[1] = PointerGetDatum(construct_array(visible, nvisible, XID8OID, sizeof(uint64),
+											   FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	/* inside the position's own transaction, continue after it */
+	xargs[2] = (DatumGetUInt64(visible[0]) == DatumGetUInt64(*pos_txid)) ?
+		*pos_id : Int64GetDatum(0);
+	xargs[8] = (DatumGetUInt64(visible[0]) == DatumGetUInt64(*pos_txid)) ?
+		*pos_txid : UInt64GetDatum(0);
+	return claim_window(st, plan_xip, xargs, lane, pos_txid, pos_id, stopped);
 }
 
 /*
@@ -828,11 +832,18 @@ consume_prepare_claim_plans(void)
 	 * unordered in PostgreSQL 15, so a LIMIT would sort a whole large
 	 * transaction on every claim.  $1 is unused here ($2 is the xid).
 	 */
-	plan_xip = EventboxPreparePlan(
-								   "SELECT " LOG_COLUMNS " FROM eventbox.log"
-								   " WHERE txid = $2 AND id > $3 AND $1 IS NOT NULL"
-								   WINDOW_FILTER,
-								   8, t_window);
+	{
+		Oid			types[9] = {PG_SNAPSHOTOID, XID8ARRAYOID, INT8OID, PG_SNAPSHOTOID,
+		TEXTOID, INT4OID, INT4OID, INT8OID, XID8OID};
+
+		/* $2: the transactions, $9 and $3: the position to continue after */
+		plan_xip = EventboxPreparePlan(
+									   "SELECT " LOG_COLUMNS " FROM eventbox.log"
+									   " WHERE txid = ANY($2) AND (txid, id) > ($9, $3)"
+									   " AND $1 IS NOT NULL"
+									   WINDOW_FILTER,
+									   9, types);
+	}
 	plan_band = EventboxPreparePlan(
 									"SELECT " LOG_COLUMNS " FROM eventbox.log"
 									" WHERE txid >= pg_catalog.pg_snapshot_xmax($1)"
