@@ -29,6 +29,7 @@
 #include "access/xact.h"
 #include "utils/resowner.h"
 #include "catalog/pg_type.h"
+#include "storage/itemptr.h"
 #include "eventbox.h"
 #include "fmgr.h"
 #include "funcapi.h"
@@ -37,6 +38,7 @@
 #include "utils/builtins.h"
 #include "utils/datum.h"
 #include "utils/fmgrprotos.h"
+#include "utils/hsearch.h"
 #include "utils/timestamp.h"
 #include "utils/xid8.h"
 
@@ -97,6 +99,8 @@ static SPIPlanPtr plan_sub = NULL;
 static SPIPlanPtr plan_expire = NULL;
 static SPIPlanPtr plan_lock = NULL;
 static SPIPlanPtr plan_lock_skip = NULL;
+static SPIPlanPtr plan_lock_tid = NULL;
+static SPIPlanPtr plan_lock_tid_skip = NULL;
 static SPIPlanPtr plan_busy = NULL;
 static SPIPlanPtr plan_retry_any = NULL;
 static SPIPlanPtr plan_retry_due = NULL;
@@ -116,6 +120,8 @@ static SPIPlanPtr plan_retry_orphans = NULL;
 static SPIPlanPtr plan_ack_find = NULL;
 static SPIPlanPtr plan_ack_delete = NULL;
 static SPIPlanPtr plan_ack_update = NULL;
+
+static void cursor_tid_remember(int32 sub_id, int32 lane, Datum tid);
 
 static Datum
 consume_col(int row, int col, bool *isnull)
@@ -750,8 +756,8 @@ claim_lane(ClaimState *st, int lane, HeapTuple cursor, TupleDesc cdesc)
 
 	if (moved || st->nids > 0)
 	{
-		Datum		values[8];
-		char		nulls[8] = "        ";
+		Datum		values[9];
+		char		nulls[9] = "         ";
 
 		values[0] = Int32GetDatum(st->sub->sub_id);
 		values[1] = Int32GetDatum(lane);
@@ -762,7 +768,14 @@ claim_lane(ClaimState *st, int lane, HeapTuple cursor, TupleDesc cdesc)
 		values[5] = pos_id;
 		values[6] = Int64GetDatum(st->nids);
 		values[7] = TimestampTzGetDatum(st->now);
-		EventboxExecPlan(plan_cursor, values, nulls, SPI_OK_UPDATE, "cursor update");
+		values[8] = SPI_getbinval(cursor, cdesc, 5, &isnull);
+		EventboxExecPlan(plan_cursor, values, nulls, SPI_OK_UPDATE_RETURNING, "cursor update");
+		if (SPI_processed != 1)
+			elog(ERROR, "eventbox: the locked cursor of subscription %d, lane %d, is gone",
+				 st->sub->sub_id, lane);
+		cursor_tid_remember(st->sub->sub_id, lane,
+							SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
+										  &isnull));
 	}
 }
 
@@ -790,13 +803,27 @@ consume_prepare_claim_plans(void)
 										  2, types);
 	}
 	plan_lock = EventboxPreparePlan(
-									"SELECT snap, target, pos_txid, pos_id FROM eventbox.cursors"
+									"SELECT snap, target, pos_txid, pos_id, ctid FROM eventbox.cursors"
 									" WHERE sub_id = $1 AND lane = $2 FOR UPDATE",
 									2, t_sub_lane);
 	plan_lock_skip = EventboxPreparePlan(
-										 "SELECT snap, target, pos_txid, pos_id FROM eventbox.cursors"
+										 "SELECT snap, target, pos_txid, pos_id, ctid FROM eventbox.cursors"
 										 " WHERE sub_id = $1 AND lane = $2 FOR UPDATE SKIP LOCKED",
 										 2, t_sub_lane);
+	{
+		Oid			types[3] = {INT4OID, INT4OID, TIDOID};
+
+		/* see cursor_tid_find */
+		plan_lock_tid = EventboxPreparePlan(
+											"SELECT snap, target, pos_txid, pos_id, ctid FROM eventbox.cursors"
+											" WHERE ctid = $3 AND sub_id = $1 AND lane = $2 FOR UPDATE",
+											3, types);
+		plan_lock_tid_skip = EventboxPreparePlan(
+												 "SELECT snap, target, pos_txid, pos_id, ctid FROM eventbox.cursors"
+												 " WHERE ctid = $3 AND sub_id = $1 AND lane = $2"
+												 " FOR UPDATE SKIP LOCKED",
+												 3, types);
+	}
 	plan_busy = EventboxPreparePlan(
 									"SELECT FROM eventbox.batches WHERE sub_id = $1 AND lane = $2 LIMIT 1",
 									2, t_sub_lane);
@@ -915,16 +942,78 @@ consume_prepare_claim_plans(void)
 										 7, types);
 	}
 	{
-		Oid			types[8] = {INT4OID, INT4OID, PG_SNAPSHOTOID, PG_SNAPSHOTOID,
-		XID8OID, INT8OID, INT8OID, TIMESTAMPTZOID};
+		Oid			types[9] = {INT4OID, INT4OID, PG_SNAPSHOTOID, PG_SNAPSHOTOID,
+		XID8OID, INT8OID, INT8OID, TIMESTAMPTZOID, TIDOID};
 
+		/* $9: the version claim_try_lane locked */
 		plan_cursor = EventboxPreparePlan(
 										  "UPDATE eventbox.cursors SET snap = $3, target = $4,"
 										  " pos_txid = $5, pos_id = $6, delivered = delivered + $7,"
 										  " updated_at = $8"
-										  " WHERE sub_id = $1 AND lane = $2",
-										  8, types);
+										  " WHERE ctid = $9 AND sub_id = $1 AND lane = $2"
+										  " RETURNING ctid",
+										  9, types);
 	}
+}
+
+/*
+ * Where the newest version of each cursor row was when this backend last
+ * locked or wrote it.  A cursor row is updated on every claim, and while a
+ * long transaction holds the xmin horizon none of its old versions can be
+ * pruned: a lookup through the primary key then visits every one of them
+ * (tens of thousands after a minute of worker cycles, most of the worker's
+ * time).  The cursor is therefore locked by its last known ctid first, a
+ * single tuple fetch; if that version is no longer visible (another
+ * backend moved the cursor, or the row is gone), the lookup goes through
+ * the key.  A version that was updated after the statement's snapshot is
+ * followed to the newest one by FOR UPDATE, as in any READ COMMITTED
+ * update.
+ */
+typedef struct CursorTidKey
+{
+	int32		sub_id;
+	int32		lane;
+} CursorTidKey;
+
+typedef struct CursorTidEntry
+{
+	CursorTidKey key;
+	ItemPointerData tid;
+} CursorTidEntry;
+
+static HTAB *cursor_tids = NULL;
+
+static CursorTidEntry *
+cursor_tid_find(int32 sub_id, int32 lane, bool create)
+{
+	CursorTidKey key;
+	bool		found;
+	CursorTidEntry *entry;
+
+	if (cursor_tids == NULL)
+	{
+		HASHCTL		ctl;
+
+		ctl.keysize = sizeof(CursorTidKey);
+		ctl.entrysize = sizeof(CursorTidEntry);
+		cursor_tids = hash_create("eventbox cursor versions", 64, &ctl,
+								  HASH_ELEM | HASH_BLOBS);
+	}
+	memset(&key, 0, sizeof(key));
+	key.sub_id = sub_id;
+	key.lane = lane;
+	entry = hash_search(cursor_tids, &key, create ? HASH_ENTER : HASH_FIND, &found);
+	if (entry != NULL && !found)
+		ItemPointerSetInvalid(&entry->tid);
+	return entry;
+}
+
+static void
+cursor_tid_remember(int32 sub_id, int32 lane, Datum tid)
+{
+	CursorTidEntry *entry = cursor_tid_find(sub_id, lane, true);
+
+	ItemPointerCopy((ItemPointer) DatumGetPointer(tid), &entry->tid);
 }
 
 /*
@@ -937,18 +1026,29 @@ consume_prepare_claim_plans(void)
 static bool
 claim_try_lane(ClaimState *st, int lane)
 {
-	Datum		values[2];
+	Datum		values[3];
 	HeapTuple	cursor;
 	TupleDesc	cdesc;
+	CursorTidEntry *known = cursor_tid_find(st->sub->sub_id, lane, false);
+	bool		isnull;
 
 	values[0] = Int32GetDatum(st->sub->sub_id);
 	values[1] = Int32GetDatum(lane);
-	EventboxExecPlan(st->sub->ordered ? plan_lock_skip : plan_lock, values, NULL,
-					 SPI_OK_SELECT, "cursor lock");
+	SPI_processed = 0;
+	if (known != NULL && ItemPointerIsValid(&known->tid))
+	{
+		values[2] = PointerGetDatum(&known->tid);
+		EventboxExecPlan(st->sub->ordered ? plan_lock_tid_skip : plan_lock_tid, values,
+						 NULL, SPI_OK_SELECT, "cursor lock");
+	}
+	if (SPI_processed == 0)
+		EventboxExecPlan(st->sub->ordered ? plan_lock_skip : plan_lock, values, NULL,
+						 SPI_OK_SELECT, "cursor lock");
 	if (SPI_processed == 0)
 		return false;
 	cursor = SPI_copytuple(SPI_tuptable->vals[0]);
 	cdesc = SPI_tuptable->tupdesc;
+	cursor_tid_remember(st->sub->sub_id, lane, SPI_getbinval(cursor, cdesc, 5, &isnull));
 
 	if (st->sub->ordered)
 	{
