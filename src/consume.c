@@ -459,7 +459,8 @@ claim_window(ClaimState *st, SPIPlanPtr plan, Datum *args, int lane,
 	int			n;
 	int			i;
 
-	EventboxExecPlan(plan, args, st->sub->type_regex ? NULL : "    n   ",
+	/* $5, the type filter, may be null; plan_xip has nine parameters */
+	EventboxExecPlan(plan, args, st->sub->type_regex ? NULL : "    n    ",
 					 SPI_OK_SELECT, "window scan");
 	n = (int) SPI_processed;
 	for (i = 0; i < n; i++)
@@ -547,6 +548,7 @@ claim_window_xip(ClaimState *st, Datum *args, int lane,
 	Datum	   *visible;
 	int			nvisible = 0;
 	int			i;
+	bool		inside;
 	Datum		xargs[9];
 
 	xips = consume_snapshot_xip(args[0], DatumGetUInt64(*pos_txid), &nxips);
@@ -573,10 +575,9 @@ claim_window_xip(ClaimState *st, Datum *args, int lane,
 	xargs[1] = PointerGetDatum(construct_array(visible, nvisible, XID8OID, sizeof(uint64),
 											   FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
 	/* inside the position's own transaction, continue after it */
-	xargs[2] = (DatumGetUInt64(visible[0]) == DatumGetUInt64(*pos_txid)) ?
-		*pos_id : Int64GetDatum(0);
-	xargs[8] = (DatumGetUInt64(visible[0]) == DatumGetUInt64(*pos_txid)) ?
-		*pos_txid : UInt64GetDatum(0);
+	inside = (DatumGetUInt64(visible[0]) == DatumGetUInt64(*pos_txid));
+	xargs[2] = inside ? *pos_id : Int64GetDatum(0);
+	xargs[8] = inside ? *pos_txid : UInt64GetDatum(0);
 	return claim_window(st, plan_xip, xargs, lane, pos_txid, pos_id, stopped);
 }
 

@@ -142,6 +142,7 @@ worker_set_state(EventboxSlotState state)
  * crash (the transactions below EventboxCrashBoundary), and drops their
  * retry rows (delayed events) that were due by then.  Returns false if the
  * boundary is not known yet.
+ *
  * A cursor counts as from before the crash if it was last moved before the
  * shared state was initialized: a worker that runs this again (after it
  * restarted) finds the cursors it already moved, and the cursors of
