@@ -667,6 +667,12 @@ BEGIN
 	IF mode IS NOT NULL AND mode IS DISTINCT FROM s.mode AND notify IS NULL THEN
 		s.notify := NULL;		-- back to the new mode's default
 	END IF;
+	-- The worker keeps a push_once subscription's position in memory and
+	-- writes it to the cursor about once a second: have it written now, so
+	-- that the new mode starts where push_once delivery stopped.
+	IF s.mode = 'push_once' AND mode IS DISTINCT FROM 'push_once' AND mode IS NOT NULL THEN
+		PERFORM eventbox._push_once_handover(s.name);
+	END IF;
 	s.event_types := COALESCE(event_types, s.event_types);
 	s.mode := COALESCE(mode, s.mode);
 	s.channel := COALESCE(channel, s.channel);
@@ -1133,6 +1139,13 @@ $$;
 CREATE FUNCTION eventbox._claim_push(n int, subscription text)
 RETURNS SETOF eventbox.delivery
 AS 'MODULE_PATHNAME', 'claim_push'
+LANGUAGE C VOLATILE STRICT;
+
+-- Called by alter_subscription before a push_once subscription changes its
+-- mode: waits for the worker to write back the position it holds.
+CREATE FUNCTION eventbox._push_once_handover(subscription text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'push_once_handover'
 LANGUAGE C VOLATILE STRICT;
 
 -- Tell the launcher that this database has the extension.

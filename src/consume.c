@@ -27,9 +27,10 @@
 #include "postgres.h"
 
 #include "access/xact.h"
-#include "utils/resowner.h"
 #include "catalog/pg_type.h"
+#include "common/hashfn.h"
 #include "storage/itemptr.h"
+#include "storage/lock.h"
 #include "eventbox.h"
 #include "fmgr.h"
 #include "funcapi.h"
@@ -39,6 +40,7 @@
 #include "utils/datum.h"
 #include "utils/fmgrprotos.h"
 #include "utils/hsearch.h"
+#include "utils/resowner.h"
 #include "utils/timestamp.h"
 #include "utils/xid8.h"
 
@@ -46,6 +48,7 @@ PG_FUNCTION_INFO_V1(claim_batch);
 PG_FUNCTION_INFO_V1(claim_push);
 PG_FUNCTION_INFO_V1(ack);
 PG_FUNCTION_INFO_V1(ack_array);
+PG_FUNCTION_INFO_V1(push_once_handover);
 
 /* A subscription as the consumer functions need it. */
 typedef struct ConsumeSub
@@ -77,6 +80,16 @@ typedef struct ClaimState
 	int			nids;
 	int			retry_count;
 } ClaimState;
+
+/* A lane's cursor: its snapshot, window target and position. */
+typedef struct CursorPos
+{
+	Datum		snap;
+	Datum		target;			/* unless target_null */
+	bool		target_null;
+	Datum		pos_txid;
+	Datum		pos_id;
+} CursorPos;
 
 /* Columns of the log queries, in this order. */
 #define LOG_COLUMNS \
@@ -596,31 +609,25 @@ consume_snapshot_equal(Datum a, Datum b)
 
 /*
  * claim_lane takes events from one lane: its due retries first, then new
- * events from its cursor's windows.  The caller holds the cursor row lock.
+ * events from its cursor's windows, and moves *cur on.  The caller holds
+ * the cursor (its row lock, or the worker's memory for push_once) and
+ * writes the cursor back; claim_lane returns whether it has to, because
+ * the cursor moved or events were taken.  cur's values live in st->ctx or
+ * longer.
  */
-static void
-claim_lane(ClaimState *st, int lane, HeapTuple cursor, TupleDesc cdesc)
+static bool
+claim_lane(ClaimState *st, int lane, CursorPos *cur)
 {
 	bool		isnull;
-	Datum		snap;
-	Datum		target;
-	Datum		pos_txid;
-	Datum		pos_id;
-	bool		target_null;
+	Datum		snap = cur->snap;
+	Datum		target = cur->target;
+	Datum		pos_txid = cur->pos_txid;
+	Datum		pos_id = cur->pos_id;
+	bool		target_null = cur->target_null;
 	bool		moved = false;
 	bool		stopped = false;
 	int			windows = 0;
 	MemoryContext old;
-
-	/* copy the cursor out of SPI's memory: later queries reuse it */
-	old = MemoryContextSwitchTo(st->ctx);
-	snap = datumCopy(SPI_getbinval(cursor, cdesc, 1, &isnull), false, -1);
-	target = SPI_getbinval(cursor, cdesc, 2, &target_null);
-	if (!target_null)
-		target = datumCopy(target, false, -1);
-	pos_txid = SPI_getbinval(cursor, cdesc, 3, &isnull);
-	pos_id = SPI_getbinval(cursor, cdesc, 4, &isnull);
-	MemoryContextSwitchTo(old);
 
 	st->nids = 0;
 	st->retry_count = 0;
@@ -755,29 +762,12 @@ claim_lane(ClaimState *st, int lane, HeapTuple cursor, TupleDesc cdesc)
 		EventboxExecPlan(plan_batch, values, NULL, SPI_OK_INSERT, "batch insert");
 	}
 
-	if (moved || st->nids > 0)
-	{
-		Datum		values[9];
-		char		nulls[9] = "         ";
-
-		values[0] = Int32GetDatum(st->sub->sub_id);
-		values[1] = Int32GetDatum(lane);
-		values[2] = snap;
-		values[3] = target;
-		nulls[3] = target_null ? 'n' : ' ';
-		values[4] = pos_txid;
-		values[5] = pos_id;
-		values[6] = Int64GetDatum(st->nids);
-		values[7] = TimestampTzGetDatum(st->now);
-		values[8] = SPI_getbinval(cursor, cdesc, 5, &isnull);
-		EventboxExecPlan(plan_cursor, values, nulls, SPI_OK_UPDATE_RETURNING, "cursor update");
-		if (SPI_processed != 1)
-			elog(ERROR, "eventbox: the locked cursor of subscription %d, lane %d, is gone",
-				 st->sub->sub_id, lane);
-		cursor_tid_remember(st->sub->sub_id, lane,
-							SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
-										  &isnull));
-	}
+	cur->snap = snap;
+	cur->target = target;
+	cur->target_null = target_null;
+	cur->pos_txid = pos_txid;
+	cur->pos_id = pos_id;
+	return moved || st->nids > 0;
 }
 
 /*
@@ -958,71 +948,383 @@ consume_prepare_claim_plans(void)
 }
 
 /*
+ * What this backend knows of each lane's cursor row.
+ *
  * Where the newest version of each cursor row was when this backend last
  * locked or wrote it.  A cursor row is updated on every claim, and while a
  * long transaction holds the xmin horizon none of its old versions can be
  * pruned: a lookup through the primary key then visits every one of them
- * (tens of thousands after a minute of worker cycles, most of the worker's
- * time).  The cursor is therefore locked by its last known ctid first, a
- * single tuple fetch; if that version is no longer visible (another
- * backend moved the cursor, or the row is gone), the lookup goes through
- * the key.  A version that was updated after the statement's snapshot is
- * followed to the newest one by FOR UPDATE, as in any READ COMMITTED
- * update.
+ * (tens of thousands after a minute of claims).  The cursor is therefore
+ * locked by its last known ctid first, a single tuple fetch; if that
+ * version is no longer visible (another backend moved the cursor, or the
+ * row is gone), the lookup goes through the key.  A version that was
+ * updated after the statement's snapshot is followed to the newest one by
+ * FOR UPDATE, as in any READ COMMITTED update.
+ *
+ * In the worker, also the position of each push_once lane ("held").  The
+ * worker moves a push_once cursor in every cycle that forwards events; a
+ * row lock and an UPDATE per cycle cost a fifth of the cycle's statements
+ * and, under a held horizon, left a row version per cycle in the table for
+ * as long as the horizon stayed (tens of megabytes in ten minutes).  A
+ * push_once position need not be durable: after a crash the worker moves
+ * the cursors past the crash anyway (worker_reset_push_once).  So the
+ * worker keeps it in memory and writes it to the row (EventboxWriteHeld)
+ * about once a second before the rotation check, which reads it; when it
+ * exits; and when alter_subscription takes push_once away from a
+ * subscription (push_once_handover).  Until then the row, and what
+ * the stats view derives from it, lags behind by up to a second.
+ *
+ * No other backend moves a push_once cursor (claim_batch refuses push
+ * subscriptions), so the memory copy cannot go stale while the
+ * subscription stays push_once.  A transaction's changes to held positions
+ * are staged and take effect when it commits (cursor_xact_callback): a
+ * cycle that fails forwarded nothing, so its positions must not count.
  */
-typedef struct CursorTidKey
+typedef struct CursorKey
 {
 	int32		sub_id;
 	int32		lane;
-} CursorTidKey;
+} CursorKey;
 
-typedef struct CursorTidEntry
+typedef struct CursorHeld
 {
-	CursorTidKey key;
-	ItemPointerData tid;
-} CursorTidEntry;
+	bool		held;			/* pos is the lane's position; the row may lag */
+	bool		dirty;			/* pos moved since the row was written */
+	CursorPos	pos;			/* values in cursor_ctx */
+	int64		unwritten;		/* deliveries not yet added to the row */
+	ItemPointerData tid;		/* the row version held or written */
+} CursorHeld;
 
-static HTAB *cursor_tids = NULL;
-
-static CursorTidEntry *
-cursor_tid_find(int32 sub_id, int32 lane, bool create)
+typedef struct CursorEntry
 {
-	CursorTidKey key;
+	CursorKey	key;
+	ItemPointerData tid;		/* newest row version seen (not held) */
+	CursorHeld	cur;			/* as committed */
+	bool		staged;			/* next is what this transaction changed */
+	CursorHeld	next;
+} CursorEntry;
+
+static HTAB *cursor_entries = NULL;
+static MemoryContext cursor_ctx = NULL;
+static bool cursor_any_staged = false;
+
+static void cursor_xact_callback(XactEvent event, void *arg);
+
+static CursorEntry *
+cursor_find(int32 sub_id, int32 lane, bool create)
+{
+	CursorKey	key;
 	bool		found;
-	CursorTidEntry *entry;
+	CursorEntry *entry;
 
-	if (cursor_tids == NULL)
+	if (cursor_entries == NULL)
 	{
 		HASHCTL		ctl;
 
-		ctl.keysize = sizeof(CursorTidKey);
-		ctl.entrysize = sizeof(CursorTidEntry);
-		cursor_tids = hash_create("eventbox cursor versions", 64, &ctl,
-								  HASH_ELEM | HASH_BLOBS);
+		cursor_ctx = AllocSetContextCreate(TopMemoryContext, "eventbox cursors",
+										   ALLOCSET_SMALL_SIZES);
+		ctl.keysize = sizeof(CursorKey);
+		ctl.entrysize = sizeof(CursorEntry);
+		ctl.hcxt = cursor_ctx;
+		cursor_entries = hash_create("eventbox cursors", 64, &ctl,
+									 HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+		RegisterXactCallback(cursor_xact_callback, NULL);
 	}
 	memset(&key, 0, sizeof(key));
 	key.sub_id = sub_id;
 	key.lane = lane;
-	entry = hash_search(cursor_tids, &key, create ? HASH_ENTER : HASH_FIND, &found);
+	entry = hash_search(cursor_entries, &key, create ? HASH_ENTER : HASH_FIND, &found);
 	if (entry != NULL && !found)
+	{
 		ItemPointerSetInvalid(&entry->tid);
+		memset(&entry->cur, 0, sizeof(CursorHeld));
+		entry->staged = false;
+	}
 	return entry;
 }
 
 static void
 cursor_tid_remember(int32 sub_id, int32 lane, Datum tid)
 {
-	CursorTidEntry *entry = cursor_tid_find(sub_id, lane, true);
+	CursorEntry *entry = cursor_find(sub_id, lane, true);
 
 	ItemPointerCopy((ItemPointer) DatumGetPointer(tid), &entry->tid);
+}
+
+/* The held state as this transaction sees it. */
+static CursorHeld *
+cursor_held(CursorEntry *entry)
+{
+	return entry->staged ? &entry->next : &entry->cur;
+}
+
+static void
+cursor_held_free(CursorHeld *h)
+{
+	if (h->held)
+	{
+		pfree(DatumGetPointer(h->pos.snap));
+		if (!h->pos.target_null)
+			pfree(DatumGetPointer(h->pos.target));
+	}
+	h->held = false;
+}
+
+/*
+ * cursor_hold stages a held position for the lane: pos (copied), with
+ * `unwritten` deliveries not yet added to the row, and tid the row version
+ * to write it to.  dirty: pos is ahead of the row.
+ */
+static void
+cursor_hold(CursorEntry *entry, const CursorPos *pos, int64 unwritten,
+			ItemPointer tid, bool dirty)
+{
+	CursorPos	copy = *pos;
+	ItemPointerData tidcopy;
+	MemoryContext old = MemoryContextSwitchTo(cursor_ctx);
+
+	/* copy first: pos and tid may point into what is replaced */
+	copy.snap = datumCopy(pos->snap, false, -1);
+	if (!pos->target_null)
+		copy.target = datumCopy(pos->target, false, -1);
+	ItemPointerCopy(tid, &tidcopy);
+	MemoryContextSwitchTo(old);
+
+	if (entry->staged)
+		cursor_held_free(&entry->next);
+	entry->next.held = true;
+	entry->next.dirty = dirty;
+	entry->next.pos = copy;
+	entry->next.unwritten = unwritten;
+	ItemPointerCopy(&tidcopy, &entry->next.tid);
+	entry->staged = true;
+	cursor_any_staged = true;
+}
+
+/* cursor_release stages that the lane is no longer held. */
+static void
+cursor_release(CursorEntry *entry)
+{
+	if (entry->staged)
+		cursor_held_free(&entry->next);
+	memset(&entry->next, 0, sizeof(CursorHeld));
+	entry->staged = true;
+	cursor_any_staged = true;
+}
+
+static void
+cursor_xact_callback(XactEvent event, void *arg)
+{
+	HASH_SEQ_STATUS scan;
+	CursorEntry *entry;
+	bool		commit;
+
+	if (!cursor_any_staged)
+		return;
+	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_PARALLEL_COMMIT)
+		commit = true;
+	else if (event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_ABORT)
+		commit = false;
+	else
+		return;
+
+	hash_seq_init(&scan, cursor_entries);
+	while ((entry = hash_seq_search(&scan)) != NULL)
+	{
+		if (!entry->staged)
+			continue;
+		if (commit)
+		{
+			cursor_held_free(&entry->cur);
+			entry->cur = entry->next;
+		}
+		else
+			cursor_held_free(&entry->next);
+		entry->staged = false;
+	}
+	cursor_any_staged = false;
+}
+
+/*
+ * cursor_write writes a lane's moved cursor to its row version tid and
+ * returns whether the row was there; the new version becomes the known
+ * one.  delivered is added to the row's delivery counter.
+ */
+static bool
+cursor_write(int32 sub_id, int32 lane, const CursorPos *pos, int64 delivered,
+			 ItemPointer tid, TimestampTz now, ItemPointer newtid)
+{
+	Datum		values[9];
+	char		nulls[9] = "         ";
+	bool		isnull;
+
+	values[0] = Int32GetDatum(sub_id);
+	values[1] = Int32GetDatum(lane);
+	values[2] = pos->snap;
+	values[3] = pos->target;
+	nulls[3] = pos->target_null ? 'n' : ' ';
+	values[4] = pos->pos_txid;
+	values[5] = pos->pos_id;
+	values[6] = Int64GetDatum(delivered);
+	values[7] = TimestampTzGetDatum(now);
+	values[8] = PointerGetDatum(tid);
+	EventboxExecPlan(plan_cursor, values, nulls, SPI_OK_UPDATE_RETURNING, "cursor update");
+	if (SPI_processed != 1)
+	{
+		ItemPointerSetInvalid(newtid);
+		return false;
+	}
+	ItemPointerCopy((ItemPointer) DatumGetPointer(consume_col(0, 1, &isnull)), newtid);
+	return true;
+}
+
+/*
+ * cursor_write_held writes a held lane's position to its row.  With
+ * release, the lane stops being held.  A row that is gone (the
+ * subscription was dropped) just ends the hold.
+ */
+static void
+cursor_write_held(CursorEntry *entry, bool release, TimestampTz now)
+{
+	CursorHeld *h = cursor_held(entry);
+	ItemPointerData newtid;
+
+	if (h->dirty || h->unwritten != 0)
+	{
+		if (!cursor_write(entry->key.sub_id, entry->key.lane, &h->pos, h->unwritten,
+						  &h->tid, now, &newtid))
+			release = true;		/* the subscription is gone */
+		else
+		{
+			ItemPointerCopy(&newtid, &entry->tid);
+			if (!release)
+				cursor_hold(entry, &h->pos, 0, &newtid, false);
+		}
+	}
+	if (release)
+		cursor_release(entry);
+}
+
+/*
+ * EventboxWriteHeld writes the positions the worker holds in memory to
+ * their rows (see above), and with release stops holding them: the next
+ * claim reads the row again.  Runs inside the caller's transaction and
+ * SPI connection; the writes take effect with its commit.
+ */
+void
+EventboxWriteHeld(bool release)
+{
+	HASH_SEQ_STATUS scan;
+	CursorEntry *entry;
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (cursor_entries == NULL)
+		return;
+	consume_prepare_claim_plans();
+	EventboxPushSearchPath();
+	hash_seq_init(&scan, cursor_entries);
+	while ((entry = hash_seq_search(&scan)) != NULL)
+	{
+		CHECK_FOR_INTERRUPTS();
+		if (cursor_held(entry)->held)
+			cursor_write_held(entry, release, now);
+	}
+	EventboxPopSearchPath();
+}
+
+/*
+ * EventboxForgetHeld drops everything this backend knows of cursors,
+ * without writing anything: the worker calls it when the extension was
+ * dropped and created again, whose subscriptions reuse the old ids.
+ */
+void
+EventboxForgetHeld(void)
+{
+	HASH_SEQ_STATUS scan;
+	CursorEntry *entry;
+
+	if (cursor_entries == NULL)
+		return;
+	Assert(!cursor_any_staged);
+	hash_seq_init(&scan, cursor_entries);
+	while ((entry = hash_seq_search(&scan)) != NULL)
+	{
+		cursor_held_free(&entry->cur);
+		(void) hash_search(cursor_entries, &entry->key, HASH_REMOVE, NULL);
+	}
+}
+
+/*
+ * EventboxHeldDirty: whether the worker holds positions its rows do not
+ * show yet.
+ */
+bool
+EventboxHeldDirty(void)
+{
+	HASH_SEQ_STATUS scan;
+	CursorEntry *entry;
+	bool		dirty = false;
+
+	if (cursor_entries == NULL)
+		return false;
+	hash_seq_init(&scan, cursor_entries);
+	while ((entry = hash_seq_search(&scan)) != NULL)
+	{
+		CursorHeld *h = cursor_held(entry);
+
+		if (h->held && (h->dirty || h->unwritten != 0))
+			dirty = true;
+	}
+	return dirty;
+}
+
+/*
+ * The lock that hands a subscription over from push_once delivery.  The
+ * worker takes it in share mode, without waiting, for each push claim and
+ * before it reads the subscription; alter_subscription takes it in
+ * exclusive mode before it gives a push_once subscription another mode
+ * (push_once_handover).  So no worker cycle that read the old mode is
+ * still claiming when the worker is asked to write back its positions, and
+ * none starts before the change has committed.  Keyed by the name, which
+ * the worker has before it reads the row: a hash collision only makes the
+ * worker skip a subscription for one cycle.
+ */
+#define EVENTBOX_LOCKTAG_HANDOVER 0x4542	/* advisory locks use 1 and 2 */
+
+static void
+handover_locktag(LOCKTAG *tag, text *name)
+{
+	uint32		h = DatumGetUInt32(hash_any((unsigned char *) VARDATA_ANY(name),
+											VARSIZE_ANY_EXHDR(name)));
+
+	SET_LOCKTAG_ADVISORY(*tag, MyDatabaseId, h, 0, EVENTBOX_LOCKTAG_HANDOVER);
+}
+
+/*
+ * eventbox._push_once_handover(subscription), called by
+ * alter_subscription before a push_once subscription gets another mode:
+ * waits until no worker cycle claims from it and the worker has written
+ * back the positions it holds, so that the new mode starts where push_once
+ * delivery stopped.  The lock lasts until the transaction ends.
+ */
+Datum
+push_once_handover(PG_FUNCTION_ARGS)
+{
+	LOCKTAG		tag;
+
+	handover_locktag(&tag, PG_GETARG_TEXT_PP(0));
+	(void) LockAcquire(&tag, ExclusiveLock, false, false);
+	EventboxRequestWriteBack();
+	PG_RETURN_VOID();
 }
 
 /*
  * claim_try_lane locks a lane's cursor and claims from it.  An unordered
  * subscription has one cursor, and claims wait for it.  Ordered lanes are
  * skipped while another claim holds them or while a batch of theirs is in
- * flight: one batch per lane at a time.  Returns whether the lane gave any
- * events.
+ * flight: one batch per lane at a time.  The worker's push_once lanes are
+ * held in its memory instead (see above).  Returns whether the lane gave
+ * any events.
  */
 static bool
 claim_try_lane(ClaimState *st, int lane)
@@ -1030,8 +1332,27 @@ claim_try_lane(ClaimState *st, int lane)
 	Datum		values[3];
 	HeapTuple	cursor;
 	TupleDesc	cdesc;
-	CursorTidEntry *known = cursor_tid_find(st->sub->sub_id, lane, false);
+	CursorEntry *known = cursor_find(st->sub->sub_id, lane, false);
+	bool		hold = st->no_lease && EventboxIsWorker;
 	bool		isnull;
+	CursorPos	pos;
+	ItemPointerData tid;
+	MemoryContext old;
+
+	if (known != NULL && cursor_held(known)->held)
+	{
+		if (hold)
+		{
+			CursorHeld *h = cursor_held(known);
+
+			pos = h->pos;
+			if (claim_lane(st, lane, &pos))
+				cursor_hold(known, &pos, h->unwritten + st->nids, &h->tid, true);
+			return st->nids > 0;
+		}
+		/* no longer push_once (now push): the row must be current */
+		cursor_write_held(known, true, st->now);
+	}
 
 	values[0] = Int32GetDatum(st->sub->sub_id);
 	values[1] = Int32GetDatum(lane);
@@ -1047,9 +1368,21 @@ claim_try_lane(ClaimState *st, int lane)
 						 SPI_OK_SELECT, "cursor lock");
 	if (SPI_processed == 0)
 		return false;
-	cursor = SPI_copytuple(SPI_tuptable->vals[0]);
+	cursor = SPI_tuptable->vals[0];
 	cdesc = SPI_tuptable->tupdesc;
-	cursor_tid_remember(st->sub->sub_id, lane, SPI_getbinval(cursor, cdesc, 5, &isnull));
+
+	/* copy the cursor out of SPI's memory: later queries reuse it */
+	old = MemoryContextSwitchTo(st->ctx);
+	pos.snap = datumCopy(SPI_getbinval(cursor, cdesc, 1, &isnull), false, -1);
+	pos.target = SPI_getbinval(cursor, cdesc, 2, &pos.target_null);
+	if (!pos.target_null)
+		pos.target = datumCopy(pos.target, false, -1);
+	pos.pos_txid = SPI_getbinval(cursor, cdesc, 3, &isnull);
+	pos.pos_id = SPI_getbinval(cursor, cdesc, 4, &isnull);
+	ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(cursor, cdesc, 5, &isnull)),
+					&tid);
+	MemoryContextSwitchTo(old);
+	cursor_tid_remember(st->sub->sub_id, lane, PointerGetDatum(&tid));
 
 	if (st->sub->ordered)
 	{
@@ -1057,7 +1390,22 @@ claim_try_lane(ClaimState *st, int lane)
 		if (SPI_processed > 0)
 			return false;
 	}
-	claim_lane(st, lane, cursor, cdesc);
+	if (hold)
+	{
+		bool		moved = claim_lane(st, lane, &pos);
+
+		cursor_hold(cursor_find(st->sub->sub_id, lane, true), &pos, st->nids, &tid,
+					moved);
+	}
+	else if (claim_lane(st, lane, &pos))
+	{
+		ItemPointerData newtid;
+
+		if (!cursor_write(st->sub->sub_id, lane, &pos, st->nids, &tid, st->now, &newtid))
+			elog(ERROR, "eventbox: the locked cursor of subscription %d, lane %d, is gone",
+				 st->sub->sub_id, lane);
+		cursor_tid_remember(st->sub->sub_id, lane, PointerGetDatum(&newtid));
+	}
 	return st->nids > 0;
 }
 
@@ -1114,6 +1462,16 @@ claim_common(FunctionCallInfo fcinfo, bool for_worker)
 	st.rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 	st.want = n;
 	st.ids = palloc(sizeof(int64) * n);
+
+	/* see handover_locktag */
+	if (for_worker && !PG_ARGISNULL(1))
+	{
+		LOCKTAG		tag;
+
+		handover_locktag(&tag, PG_GETARG_TEXT_PP(1));
+		if (LockAcquire(&tag, ShareLock, false, true) == LOCKACQUIRE_NOT_AVAIL)
+			PG_RETURN_NULL();	/* its mode is changing: next cycle */
+	}
 
 	EventboxPushSearchPath();
 	if (SPI_connect() != SPI_OK_CONNECT)

@@ -45,6 +45,9 @@ typedef struct EventboxDbSlot
 	int			worker_procno;	/* -1 if none */
 	TimestampTz probed_at;		/* when the state was last settled */
 	TransactionId registering_xid;	/* last CREATE EXTENSION's transaction */
+	uint64		writeback_requested;	/* bumped to ask the worker to write
+										 * back the cursors it holds */
+	uint64		writeback_done; /* the last request it has done */
 } EventboxDbSlot;
 
 typedef struct EventboxSharedState
@@ -103,10 +106,17 @@ extern void EventboxWakeLauncher(void);
 extern EventboxDbSlot *EventboxSlot(Oid dboid, bool create);
 extern void EventboxCrashBoundary(void);
 
+/* consume.c */
+extern void EventboxWriteHeld(bool release);
+extern bool EventboxHeldDirty(void);
+extern void EventboxForgetHeld(void);
+
 /* deliver.c */
 extern TimestampTz EventboxDeliver(int batch, uint64 *forwarded);
 
 /* launcher.c, worker.c */
+extern bool EventboxIsWorker;
+extern void EventboxRequestWriteBack(void);
 extern void EventboxRegisterLauncher(void);
 extern PGDLLEXPORT void EventboxLauncherMain(Datum main_arg);
 extern PGDLLEXPORT void EventboxWorkerMain(Datum main_arg);

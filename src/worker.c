@@ -51,6 +51,18 @@ static Oid	worker_dboid = InvalidOid;
 static TransactionId worker_settled_xid = InvalidTransactionId;
 static char *worker_dbname = NULL;
 static bool worker_reset_done = false;	/* see worker_reset_push_once */
+static Oid	worker_extension = InvalidOid;	/* the extension it serves */
+
+/* true in a database worker: it holds push_once cursors (consume.c) */
+bool		EventboxIsWorker = false;
+
+/* What a worker transaction does. */
+typedef enum WorkerCycle
+{
+	CYCLE_DELIVER,				/* forward events, run the timers */
+	CYCLE_ROTATE,				/* write back held cursors, rotate the log */
+	CYCLE_WRITE_BACK			/* write back held cursors and let go */
+} WorkerCycle;
 
 static void
 worker_detach(int code, Datum arg)
@@ -230,19 +242,21 @@ worker_reset_push_once(void)
 }
 
 /*
- * worker_cycle runs one delivery cycle, or with `rotate` one log rotation
- * step, in its own transaction.  Returns false if it failed (the
+ * worker_cycle runs one delivery cycle, one log rotation step or one
+ * write-back of held cursors (see WorkerCycle) in its own transaction.  Returns false if it failed (the
  * transaction was rolled back); *installed tells whether the extension
  * exists; *next_due is when a retry, a delayed event or a lease expiry
  * comes due next (0 if none).
  */
 static bool
-worker_cycle(bool rotate, bool *installed, TimestampTz *next_due,
+worker_cycle(WorkerCycle kind, bool *installed, TimestampTz *next_due,
 			 uint64 *forwarded, int failures)
 {
 	MemoryContext outer = CurrentMemoryContext;
 	volatile bool ok = true;
-	volatile bool reset = !rotate && EventboxShared->after_crash && !worker_reset_done;
+	volatile bool reset = (kind == CYCLE_DELIVER && EventboxShared->after_crash &&
+						   !worker_reset_done);
+	Oid			extension;
 
 	*next_due = 0;
 	*forwarded = 0;
@@ -253,13 +267,26 @@ worker_cycle(bool rotate, bool *installed, TimestampTz *next_due,
 		StartTransactionCommand();
 		PushActiveSnapshot(GetTransactionSnapshot());
 
-		if (!OidIsValid(get_extension_oid("eventbox", true)))
+		extension = get_extension_oid("eventbox", true);
+
+		/* a new extension: what the worker held belongs to the old one */
+		if (extension != worker_extension)
+		{
+			EventboxForgetHeld();
+			worker_extension = extension;
+		}
+		if (!OidIsValid(extension))
 			*installed = false;
 		else
 		{
 			if (SPI_connect() != SPI_OK_CONNECT)
 				elog(ERROR, "eventbox: SPI_connect failed");
-			if (rotate)
+			if (kind == CYCLE_WRITE_BACK)
+			{
+				pgstat_report_activity(STATE_RUNNING, "writing back push_once cursors");
+				EventboxWriteHeld(true);
+			}
+			else if (kind == CYCLE_ROTATE)
 			{
 				Datum		args[2];
 
@@ -275,7 +302,10 @@ worker_cycle(bool rotate, bool *installed, TimestampTz *next_due,
 				}
 				args[0] = Int32GetDatum(eventbox_retention);
 				args[1] = Int32GetDatum(eventbox_rotation_period);
+
+				/* the rotation check reads the positions */
 				pgstat_report_activity(STATE_RUNNING, "rotating the log");
+				EventboxWriteHeld(false);
 				if (SPI_execute_plan(rotate_plan, args, NULL, false, 1) != SPI_OK_SELECT)
 					elog(ERROR, "eventbox: rotation failed");
 			}
@@ -318,6 +348,97 @@ worker_cycle(bool rotate, bool *installed, TimestampTz *next_due,
 }
 
 /*
+ * worker_write_back answers EventboxRequestWriteBack: when a request is
+ * pending, a transaction writes back every push_once position the worker
+ * holds and stops holding it.  Returns whether it ran one.
+ */
+static bool
+worker_write_back(MemoryContext cyclectx, int failures)
+{
+	EventboxDbSlot *slot;
+	uint64		requested = 0;
+	uint64		done = 0;
+	bool		installed;
+	TimestampTz ignored;
+	uint64		forwarded;
+	MemoryContext old;
+
+	SpinLockAcquire(&EventboxShared->mutex);
+	slot = EventboxSlot(worker_dboid, false);
+	if (slot != NULL)
+	{
+		requested = slot->writeback_requested;
+		done = slot->writeback_done;
+	}
+	SpinLockRelease(&EventboxShared->mutex);
+	if (requested == done)
+		return false;
+
+	old = MemoryContextSwitchTo(cyclectx);
+	if (worker_cycle(CYCLE_WRITE_BACK, &installed, &ignored, &forwarded, failures))
+	{
+		SpinLockAcquire(&EventboxShared->mutex);
+		slot = EventboxSlot(worker_dboid, false);
+		if (slot != NULL && slot->writeback_done < requested)
+			slot->writeback_done = requested;
+		SpinLockRelease(&EventboxShared->mutex);
+	}
+	MemoryContextSwitchTo(old);
+	MemoryContextReset(cyclectx);
+	return true;
+}
+
+/*
+ * EventboxRequestWriteBack asks the worker of the current database to
+ * write back the push_once positions it holds and waits until it has, for
+ * up to ten seconds.  Without a worker there is nothing to wait for: only
+ * a running worker holds positions, and it writes them back when it exits.
+ */
+void
+EventboxRequestWriteBack(void)
+{
+	EventboxDbSlot *slot;
+	pid_t		pid = 0;
+	uint64		ticket = 0;
+	int			i;
+
+	if (EventboxShared == NULL)
+		return;
+	SpinLockAcquire(&EventboxShared->mutex);
+	slot = EventboxSlot(MyDatabaseId, false);
+	if (slot != NULL && slot->worker_pid != 0)
+	{
+		pid = slot->worker_pid;
+		ticket = ++slot->writeback_requested;
+	}
+	SpinLockRelease(&EventboxShared->mutex);
+	if (pid == 0)
+		return;
+	EventboxWakeWorker(MyDatabaseId);
+
+	for (i = 0; i < 1000; i++)
+	{
+		bool		done;
+
+		CHECK_FOR_INTERRUPTS();
+		SpinLockAcquire(&EventboxShared->mutex);
+		slot = EventboxSlot(MyDatabaseId, false);
+		done = (slot == NULL || slot->worker_pid != pid || slot->writeback_done >= ticket);
+		SpinLockRelease(&EventboxShared->mutex);
+		if (done)
+			return;
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 10L, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+	}
+	ereport(ERROR,
+			(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+			 errmsg("the eventbox worker did not write back its push_once positions"),
+			 errdetail("A push_once subscription's position is kept by the worker, which did not answer within 10 seconds."),
+			 errhint("Try again. If it keeps failing, see the server log for what the worker is doing.")));
+}
+
+/*
  * EventboxWorkerMain is a database worker's main loop.
  */
 void
@@ -334,8 +455,10 @@ EventboxWorkerMain(Datum main_arg)
 	TimestampTz window_start = 0;
 	uint64		window_events = 0;
 	uint64		forwarded;
+	TimestampTz ignored;
 
 	worker_dboid = DatumGetObjectId(main_arg);
+	EventboxIsWorker = true;
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
 	BackgroundWorkerUnblockSignals();
@@ -423,7 +546,7 @@ EventboxWorkerMain(Datum main_arg)
 		cycle_started = GetCurrentTimestamp();
 
 		old = MemoryContextSwitchTo(cyclectx);
-		ok = worker_cycle(false, &installed, &next_due, &forwarded, failures);
+		ok = worker_cycle(CYCLE_DELIVER, &installed, &next_due, &forwarded, failures);
 		backlog = (ok && next_due != 0 && next_due <= GetCurrentTimestamp());
 		window_events += forwarded;
 		if (cycle_started - window_start >= USECS_PER_SEC)
@@ -439,19 +562,22 @@ EventboxWorkerMain(Datum main_arg)
 
 		/*
 		 * Rotation runs once a second, after the delivery transaction has
-		 * committed, so that it never delays a notification.
+		 * committed, so that it never delays a notification.  It writes
+		 * back the push_once positions first.
 		 */
 		if (ok && installed &&
 			TimestampDifferenceExceeds(last_rotation, GetCurrentTimestamp(), 1000))
 		{
-			TimestampTz ignored;
-
 			old = MemoryContextSwitchTo(cyclectx);
-			ok = worker_cycle(true, &installed, &ignored, &forwarded, failures);
+			ok = worker_cycle(CYCLE_ROTATE, &installed, &ignored, &forwarded, failures);
 			MemoryContextSwitchTo(old);
 			MemoryContextReset(cyclectx);
 			last_rotation = GetCurrentTimestamp();
 		}
+
+		/* alter_subscription waits for the push_once positions */
+		if (installed && worker_write_back(cyclectx, failures))
+			continue;
 
 		if (!installed)
 		{
@@ -487,6 +613,17 @@ EventboxWorkerMain(Datum main_arg)
 				TimestampDifference(GetCurrentTimestamp(), next_due, &secs, &usecs);
 				timeout = Min(timeout, secs * 1000 + usecs / 1000 + 1);
 			}
+			/* held positions reach their rows within about a second */
+			if (EventboxHeldDirty())
+			{
+				long		secs;
+				int			usecs;
+
+				TimestampDifference(GetCurrentTimestamp(),
+									TimestampTzPlusMilliseconds(last_rotation, 1000),
+									&secs, &usecs);
+				timeout = Min(timeout, secs * 1000 + usecs / 1000 + 1);
+			}
 		}
 		else
 		{
@@ -497,6 +634,14 @@ EventboxWorkerMain(Datum main_arg)
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 						 Max(timeout, 1), PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
+	}
+
+	/* leaving: what the worker holds goes to the rows */
+	if (EventboxHeldDirty())
+	{
+		bool		installed;
+
+		(void) worker_cycle(CYCLE_WRITE_BACK, &installed, &ignored, &forwarded, 0);
 	}
 	proc_exit(0);
 }

@@ -6,10 +6,11 @@
 # the worker skip it (publishers keep going); nothing unconsumed is ever
 # reclaimed.
 #
-# Failed cycles: a session holding the default subscription's cursor lock
-# beyond the worker's lock_timeout makes cycles fail; the failure is logged
-# once, the cycle is retried with backoff, and when the lock goes every
-# event is delivered.
+# Failed cycles: a session holding a push subscription's cursor lock beyond
+# the worker's lock_timeout makes cycles fail; the failure is logged once,
+# the cycle is retried with backoff, and when the lock goes every event is
+# delivered.  (push_once cursors are not locked by the cycles: the worker
+# holds their positions in memory.)
 use strict;
 use warnings;
 
@@ -97,11 +98,17 @@ ok( $node->poll_query_until(
 	'after the reader leaves, the partition is reclaimed');
 
 # --- a failing cycle is rolled back, logged once, retried, and loses nothing -------
+$node->safe_psql('postgres',
+	"SELECT eventbox.subscribe('failpush', '{fail.*}', mode => 'push', channel => 'failpush')");
+# the default subscription's position has reached its row
+ok( $node->poll_query_until(
+		'postgres', "SELECT pending = 0 FROM eventbox.stats WHERE subscription = 'default'"),
+	'the default subscription has nothing pending');
 my $log_offset = -s $node->logfile;
 my $locker = $node->background_psql('postgres');
 $locker->query_safe(
 	"BEGIN; SELECT 1 FROM eventbox.cursors c JOIN eventbox.subscriptions s USING (sub_id) "
-	  . "WHERE s.name = 'default' FOR UPDATE;");
+	  . "WHERE s.name = 'failpush' FOR UPDATE;");
 $node->safe_psql('postgres',
 	"SELECT eventbox.publish('fail.test', jsonb_build_object('i', g)) FROM generate_series(1, 20) g");
 ok( $node->wait_for_log(qr/eventbox worker cycle failed: .*lock timeout/, $log_offset),
@@ -122,6 +129,7 @@ ok( $node->poll_query_until(
 ok($node->wait_for_log(qr/eventbox worker cycle succeeded again after \d+ failed attempts/,
 		$log_offset),
 	'the recovery is logged');
+$node->safe_psql('postgres', "SELECT eventbox.unsubscribe('failpush')");
 
 $node->stop;
 done_testing();
