@@ -1141,6 +1141,16 @@ RETURNS SETOF eventbox.delivery
 AS 'MODULE_PATHNAME', 'claim_push'
 LANGUAGE C VOLATILE STRICT;
 
+-- Every change to the subscriptions tells the backends that cache them
+-- (claims, acks and the worker's cycle read them from memory).
+CREATE FUNCTION eventbox._subscriptions_changed()
+RETURNS trigger
+AS 'MODULE_PATHNAME', 'subscriptions_changed'
+LANGUAGE C;
+CREATE TRIGGER subscriptions_changed
+	AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON eventbox.subscriptions
+	FOR EACH STATEMENT EXECUTE FUNCTION eventbox._subscriptions_changed();
+
 -- Called by alter_subscription before a push_once subscription changes its
 -- mode: waits for the worker to write back the position it holds.
 CREATE FUNCTION eventbox._push_once_handover(subscription text)

@@ -28,6 +28,8 @@
 
 #include "access/xact.h"
 #include "catalog/pg_type.h"
+#include "catalog/namespace.h"
+#include "commands/trigger.h"
 #include "common/hashfn.h"
 #include "storage/itemptr.h"
 #include "storage/lock.h"
@@ -40,7 +42,11 @@
 #include "utils/datum.h"
 #include "utils/fmgrprotos.h"
 #include "utils/hsearch.h"
+#include "utils/inval.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
 #include "utils/resowner.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 #include "utils/xid8.h"
 
@@ -49,6 +55,7 @@ PG_FUNCTION_INFO_V1(claim_push);
 PG_FUNCTION_INFO_V1(ack);
 PG_FUNCTION_INFO_V1(ack_array);
 PG_FUNCTION_INFO_V1(push_once_handover);
+PG_FUNCTION_INFO_V1(subscriptions_changed);
 
 /* A subscription as the consumer functions need it. */
 typedef struct ConsumeSub
@@ -70,7 +77,8 @@ typedef struct ClaimState
 	Datum		sub_name;		/* sub->name as text, for each delivery */
 	bool		no_lease;		/* push_once: delivery needs no lease */
 	int			want;			/* events still wanted */
-	ReturnSetInfo *rsinfo;
+	Tuplestorestate *out;		/* the deliveries */
+	TupleDesc	desc;
 	pg_uuid_t	lease;
 	TimestampTz now;
 	TimestampTz leased_until;
@@ -124,7 +132,6 @@ static SPIPlanPtr plan_xip = NULL;
 static SPIPlanPtr plan_band = NULL;
 static SPIPlanPtr plan_window_min = NULL;
 static SPIPlanPtr plan_idscan = NULL;
-static SPIPlanPtr plan_snapshot = NULL;
 static SPIPlanPtr plan_delay = NULL;
 static SPIPlanPtr plan_batch = NULL;
 static SPIPlanPtr plan_cursor = NULL;
@@ -135,6 +142,8 @@ static SPIPlanPtr plan_ack_delete = NULL;
 static SPIPlanPtr plan_ack_update = NULL;
 
 static void cursor_tid_remember(int32 sub_id, int32 lane, Datum tid);
+static void claim_run(text *name, int32 n, Interval *lease, bool for_worker,
+					  Tuplestorestate *out, TupleDesc desc);
 
 static Datum
 consume_col(int row, int col, bool *isnull)
@@ -157,16 +166,102 @@ consume_int8_array(const int64 *ids, int n)
 }
 
 /*
+ * Subscriptions read by this backend, by name.  A claim or ack needs its
+ * subscription's settings; reading them with a statement each time was a
+ * fifth of a worker cycle.  Every change to eventbox.subscriptions sends a
+ * relcache invalidation for the table when it commits (the statement
+ * trigger eventbox._subscriptions_changed), before its locks are released;
+ * consume_sub and the worker's list of subscriptions (deliver.c) accept
+ * pending invalidations first, so they see every change committed before
+ * them, as a new statement would.
+ */
+static List *sub_cache = NIL;
+static MemoryContext sub_cache_ctx = NULL;
+static uint64 sub_cache_generation = 0;	/* the generation sub_cache is of */
+static uint64 sub_generation = 1;
+static Oid	sub_relid = InvalidOid;
+
+static void
+sub_invalidate(Datum arg, Oid relid)
+{
+	if (relid == InvalidOid || relid == sub_relid)
+		sub_generation++;
+}
+
+/*
+ * EventboxSubscriptionsGeneration returns a number that changes whenever a
+ * change to eventbox.subscriptions may have committed since the last call:
+ * what was read of the table at an equal number is still current.
+ */
+uint64
+EventboxSubscriptionsGeneration(void)
+{
+	static bool registered = false;
+	Oid			nsp;
+	Oid			relid = InvalidOid;
+
+	if (!registered)
+	{
+		CacheRegisterRelcacheCallback(sub_invalidate, (Datum) 0);
+		registered = true;
+	}
+	AcceptInvalidationMessages();
+	nsp = get_namespace_oid("eventbox", true);
+	if (OidIsValid(nsp))
+		relid = get_relname_relid("subscriptions", nsp);
+	if (relid != sub_relid)
+	{
+		sub_relid = relid;
+		sub_generation++;
+	}
+	return sub_generation;
+}
+
+/*
+ * eventbox._subscriptions_changed(): the statement trigger on
+ * eventbox.subscriptions that tells every backend's cache (see above).
+ */
+Datum
+subscriptions_changed(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		elog(ERROR, "eventbox: _subscriptions_changed must be called as a trigger");
+	CacheInvalidateRelcache(trigdata->tg_relation);
+	return PointerGetDatum(NULL);
+}
+
+static ConsumeSub *
+consume_sub_copy(const ConsumeSub *from, MemoryContext ctx)
+{
+	MemoryContext old = MemoryContextSwitchTo(ctx);
+	ConsumeSub *sub = palloc(sizeof(ConsumeSub));
+
+	*sub = *from;
+	sub->name = pstrdup(from->name);
+	sub->mode = pstrdup(from->mode);
+	if (from->type_regex != (Datum) 0)
+		sub->type_regex = datumCopy(from->type_regex, false, -1);
+	sub->lease = palloc(sizeof(Interval));
+	*sub->lease = *from->lease;
+	MemoryContextSwitchTo(old);
+	return sub;
+}
+
+/*
  * consume_sub looks up a subscription by name; NULL means the setting
  * eventbox.subscription.  The result is allocated in ctx.
  */
 static ConsumeSub *
 consume_sub(text *name, MemoryContext ctx)
 {
-	ConsumeSub *sub;
+	ConsumeSub	found;
+	ListCell   *lc;
+	char	   *cname;
 	Datum		value;
 	bool		isnull;
-	MemoryContext old;
+	uint64		generation;
 
 	if (name == NULL)
 	{
@@ -176,6 +271,25 @@ consume_sub(text *name, MemoryContext ctx)
 					 errmsg("no subscription given"),
 					 errhint("Pass the subscription argument or SET eventbox.subscription.")));
 		name = cstring_to_text(eventbox_subscription);
+	}
+	cname = text_to_cstring(name);
+
+	generation = EventboxSubscriptionsGeneration();
+	if (sub_cache_ctx == NULL)
+		sub_cache_ctx = AllocSetContextCreate(TopMemoryContext, "eventbox subscriptions",
+											  ALLOCSET_SMALL_SIZES);
+	if (generation != sub_cache_generation)
+	{
+		MemoryContextReset(sub_cache_ctx);
+		sub_cache = NIL;
+		sub_cache_generation = generation;
+	}
+	foreach(lc, sub_cache)
+	{
+		ConsumeSub *sub = (ConsumeSub *) lfirst(lc);
+
+		if (strcmp(sub->name, cname) == 0)
+			return consume_sub_copy(sub, ctx);
 	}
 
 	if (plan_sub == NULL)
@@ -193,22 +307,27 @@ consume_sub(text *name, MemoryContext ctx)
 	if (SPI_processed == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("subscription \"%s\" does not exist", text_to_cstring(name))));
+				 errmsg("subscription \"%s\" does not exist", cname)));
 
-	old = MemoryContextSwitchTo(ctx);
-	sub = palloc0(sizeof(ConsumeSub));
-	sub->sub_id = DatumGetInt32(consume_col(0, 1, &isnull));
-	sub->name = TextDatumGetCString(consume_col(0, 2, &isnull));
-	sub->mode = TextDatumGetCString(consume_col(0, 3, &isnull));
+	found.sub_id = DatumGetInt32(consume_col(0, 1, &isnull));
+	found.name = TextDatumGetCString(consume_col(0, 2, &isnull));
+	found.mode = TextDatumGetCString(consume_col(0, 3, &isnull));
 	value = consume_col(0, 4, &isnull);
-	sub->type_regex = isnull ? (Datum) 0 : datumCopy(value, false, -1);
-	sub->lanes = DatumGetInt32(consume_col(0, 5, &isnull));
-	sub->ordered = DatumGetBool(consume_col(0, 6, &isnull));
-	sub->lease = DatumGetIntervalP(datumCopy(consume_col(0, 7, &isnull), false,
-											 sizeof(Interval)));
-	sub->paused = DatumGetBool(consume_col(0, 8, &isnull));
-	MemoryContextSwitchTo(old);
-	return sub;
+	found.type_regex = isnull ? (Datum) 0 : value;
+	found.lanes = DatumGetInt32(consume_col(0, 5, &isnull));
+	found.ordered = DatumGetBool(consume_col(0, 6, &isnull));
+	found.lease = DatumGetIntervalP(consume_col(0, 7, &isnull));
+	found.paused = DatumGetBool(consume_col(0, 8, &isnull));
+
+	/* kept only if no invalidation arrived while it was read */
+	if (sub_generation == sub_cache_generation)
+	{
+		MemoryContext old = MemoryContextSwitchTo(sub_cache_ctx);
+
+		sub_cache = lappend(sub_cache, consume_sub_copy(&found, sub_cache_ctx));
+		MemoryContextSwitchTo(old);
+	}
+	return consume_sub_copy(&found, ctx);
 }
 
 /*
@@ -244,7 +363,7 @@ claim_emit(ClaimState *st, int row, int attempt)
 	nulls[10] = st->no_lease;
 	values[11] = TimestampTzGetDatum(st->leased_until);
 	nulls[11] = st->no_lease;
-	tuplestore_putvalues(st->rsinfo->setResult, st->rsinfo->setDesc, values, nulls);
+	tuplestore_putvalues(st->out, st->desc, values, nulls);
 
 	st->ids[st->nids++] = DatumGetInt64(values[0]);
 	st->want--;
@@ -598,6 +717,26 @@ claim_window_xip(ClaimState *st, Datum *args, int lane,
  * consume_snapshot_equal compares two pg_snapshot values byte by byte, after
  * bringing both to the same (4-byte) varlena header.
  */
+/*
+ * consume_current_snapshot returns pg_current_snapshot() as a new statement
+ * would see it (in READ COMMITTED a snapshot taken now: after the cursor
+ * lock was granted), allocated in ctx, without the cost of a statement.
+ */
+static Datum
+consume_current_snapshot(MemoryContext ctx)
+{
+	LOCAL_FCINFO(fcinfo, 0);
+	MemoryContext old = MemoryContextSwitchTo(ctx);
+	Datum		result;
+
+	PushActiveSnapshot(GetTransactionSnapshot());
+	InitFunctionCallInfoData(*fcinfo, NULL, 0, InvalidOid, NULL, NULL);
+	result = pg_current_snapshot(fcinfo);
+	PopActiveSnapshot();
+	MemoryContextSwitchTo(old);
+	return result;
+}
+
 static bool
 consume_snapshot_equal(Datum a, Datum b)
 {
@@ -627,7 +766,6 @@ claim_lane(ClaimState *st, int lane, CursorPos *cur)
 	bool		moved = false;
 	bool		stopped = false;
 	int			windows = 0;
-	MemoryContext old;
 
 	st->nids = 0;
 	st->retry_count = 0;
@@ -647,10 +785,7 @@ claim_lane(ClaimState *st, int lane, CursorPos *cur)
 
 		if (target_null)
 		{
-			EventboxExecPlan(plan_snapshot, NULL, NULL, SPI_OK_SELECT, "snapshot");
-			old = MemoryContextSwitchTo(st->ctx);
-			target = datumCopy(consume_col(0, 1, &isnull), false, -1);
-			MemoryContextSwitchTo(old);
+			target = consume_current_snapshot(st->ctx);
 			target_null = false;
 			if (consume_snapshot_equal(snap, target))
 			{
@@ -894,9 +1029,6 @@ consume_prepare_claim_plans(void)
 									  " AND ($6 = 1 OR eventbox._lane(aggregate_type, aggregate_id, id, $6) = $7)"
 									  " ORDER BY id LIMIT $8",
 									  8, t_window);
-	/* taken by a statement of its own: after the cursor lock was granted */
-	plan_snapshot = EventboxPreparePlan("SELECT pg_catalog.pg_current_snapshot()",
-										0, NULL);
 	{
 		Oid			types[2] = {INT4OID, INT8ARRAYOID};
 
@@ -1419,13 +1551,8 @@ claim_try_lane(ClaimState *st, int lane)
 static Datum
 claim_common(FunctionCallInfo fcinfo, bool for_worker)
 {
-	ClaimState	st;
 	int32		n;
 	Interval   *lease = NULL;
-	int			lane;
-	int			first = 0;
-	int			i;
-	uint32		r;
 
 	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
 
@@ -1438,11 +1565,6 @@ claim_common(FunctionCallInfo fcinfo, bool for_worker)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("n must be positive, got %d", n)));
-	if (n > eventbox_max_claim_size)
-		ereport(ERROR,
-				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
-				 errmsg("n must be at most %d, got %d", eventbox_max_claim_size, n),
-				 errhint("Claim in smaller batches or raise eventbox.max_claim_size.")));
 	/* the worker's entry point has no lease argument */
 	if (PG_NARGS() > 2 && !PG_ARGISNULL(2))
 	{
@@ -1457,20 +1579,59 @@ claim_common(FunctionCallInfo fcinfo, bool for_worker)
 					 errmsg("lease must be positive")));
 	}
 
+	claim_run(PG_ARGISNULL(1) ? NULL : PG_GETARG_TEXT_PP(1), n, lease, for_worker,
+			  ((ReturnSetInfo *) fcinfo->resultinfo)->setResult,
+			  ((ReturnSetInfo *) fcinfo->resultinfo)->setDesc);
+	PG_RETURN_NULL();
+}
+
+/*
+ * EventboxClaimPush is _claim_push for the worker's own cycle, without the
+ * cost of a statement: up to n deliveries of push subscription `name` are
+ * appended to out, in desc's shape (eventbox.delivery).
+ */
+void
+EventboxClaimPush(text *name, int n, Tuplestorestate *out, TupleDesc desc)
+{
+	claim_run(name, n, NULL, true, out, desc);
+}
+
+/*
+ * claim_run is a claim: up to n deliveries of subscription `name` (NULL:
+ * eventbox.subscription) leased for `lease` (NULL: the subscription's),
+ * appended to out.  for_worker: a push claim by the worker.
+ */
+static void
+claim_run(text *name, int32 n, Interval *lease, bool for_worker,
+		  Tuplestorestate *out, TupleDesc desc)
+{
+	ClaimState	st;
+	int			lane;
+	int			first = 0;
+	int			i;
+	uint32		r;
+
+	if (n > eventbox_max_claim_size)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("n must be at most %d, got %d", eventbox_max_claim_size, n),
+				 errhint("Claim in smaller batches or raise eventbox.max_claim_size.")));
+
 	memset(&st, 0, sizeof(st));
 	st.ctx = CurrentMemoryContext;
-	st.rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	st.out = out;
+	st.desc = desc;
 	st.want = n;
 	st.ids = palloc(sizeof(int64) * n);
 
 	/* see handover_locktag */
-	if (for_worker && !PG_ARGISNULL(1))
+	if (for_worker && name != NULL)
 	{
 		LOCKTAG		tag;
 
-		handover_locktag(&tag, PG_GETARG_TEXT_PP(1));
+		handover_locktag(&tag, name);
 		if (LockAcquire(&tag, ShareLock, false, true) == LOCKACQUIRE_NOT_AVAIL)
-			PG_RETURN_NULL();	/* its mode is changing: next cycle */
+			return;				/* its mode is changing: next cycle */
 	}
 
 	EventboxPushSearchPath();
@@ -1478,7 +1639,7 @@ claim_common(FunctionCallInfo fcinfo, bool for_worker)
 		elog(ERROR, "eventbox: SPI_connect failed");
 	consume_prepare_claim_plans();
 
-	st.sub = consume_sub(PG_ARGISNULL(1) ? NULL : PG_GETARG_TEXT_PP(1), st.ctx);
+	st.sub = consume_sub(name, st.ctx);
 	{
 		MemoryContext old = MemoryContextSwitchTo(st.ctx);
 
@@ -1487,9 +1648,13 @@ claim_common(FunctionCallInfo fcinfo, bool for_worker)
 	}
 	if (for_worker)
 	{
+		/* pull since the worker listed it (alter_subscription committed) */
 		if (strcmp(st.sub->mode, "pull") == 0)
-			elog(ERROR, "eventbox: subscription \"%s\" is not a push subscription",
-				 st.sub->name);
+		{
+			SPI_finish();
+			EventboxPopSearchPath();
+			return;
+		}
 		st.no_lease = (strcmp(st.sub->mode, "push_once") == 0);
 	}
 	else if (strcmp(st.sub->mode, "pull") != 0)
@@ -1503,7 +1668,7 @@ claim_common(FunctionCallInfo fcinfo, bool for_worker)
 	{
 		SPI_finish();
 		EventboxPopSearchPath();
-		PG_RETURN_NULL();
+		return;
 	}
 
 	/* leases that ran out give their events back first (push_once has none) */
@@ -1566,7 +1731,7 @@ claim_common(FunctionCallInfo fcinfo, bool for_worker)
 
 	SPI_finish();
 	EventboxPopSearchPath();
-	PG_RETURN_NULL();
+	return;
 }
 
 /*

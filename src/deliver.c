@@ -28,9 +28,11 @@
 #include "catalog/pg_type.h"
 #include "commands/async.h"
 #include "eventbox.h"
+#include "executor/tuptable.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
 #include "utils/json.h"
+#include "utils/memutils.h"
 #include "utils/jsonb.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
@@ -50,7 +52,7 @@
 #define DM_OMITTED			0x10	/* payload_omitted, headers_omitted */
 #define DM_MINIMAL			0x20	/* payload_omitted, envelope_omitted */
 
-/* Columns of eventbox.delivery, as _claim_push returns them. */
+/* Columns of eventbox.delivery, as EventboxClaimPush returns them. */
 enum
 {
 	DC_ID = 1, DC_EVENT_ID, DC_TYPE, DC_ATYPE, DC_AID, DC_PAYLOAD, DC_HEADERS,
@@ -59,7 +61,7 @@ enum
 
 static SPIPlanPtr plan_expire = NULL;
 static SPIPlanPtr plan_subs = NULL;
-static SPIPlanPtr plan_claim = NULL;
+static TupleDesc delivery_desc = NULL;
 static SPIPlanPtr plan_pull_wake = NULL;
 static SPIPlanPtr plan_next_due = NULL;
 
@@ -67,10 +69,33 @@ static void
 deliver_prepare_plans(void)
 {
 	Oid			t_ts[1] = {TIMESTAMPTZOID};
-	Oid			t_claim[2] = {INT4OID, TEXTOID};
 
 	if (plan_next_due != NULL)
 		return;
+
+	/* eventbox.delivery, for the claims' results */
+	{
+		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+		static const struct
+		{
+			const char *name;
+			Oid			type;
+		}			cols[DC_LEASED_UNTIL] = {
+			{"id", INT8OID}, {"event_id", UUIDOID}, {"event_type", TEXTOID},
+			{"aggregate_type", TEXTOID}, {"aggregate_id", TEXTOID},
+			{"payload", JSONBOID}, {"headers", JSONBOID},
+			{"occurred_at", TIMESTAMPTZOID}, {"subscription", TEXTOID},
+			{"attempt", INT4OID}, {"lease", UUIDOID},
+			{"leased_until", TIMESTAMPTZOID}
+		};
+		int			i;
+
+		delivery_desc = CreateTemplateTupleDesc(DC_LEASED_UNTIL);
+		for (i = 0; i < DC_LEASED_UNTIL; i++)
+			TupleDescInitEntry(delivery_desc, (AttrNumber) (i + 1), cols[i].name,
+							   cols[i].type, -1, 0);
+		MemoryContextSwitchTo(old);
+	}
 
 	plan_expire = EventboxPreparePlan(
 									  "SELECT eventbox._expire_leases(b.sub_id, $1)"
@@ -82,9 +107,6 @@ deliver_prepare_plans(void)
 									" FROM eventbox.subscriptions"
 									" WHERE NOT paused ORDER BY sub_id",
 									0, NULL);
-	plan_claim = EventboxPreparePlan(
-									 "SELECT * FROM eventbox._claim_push($1, $2)",
-									 2, t_claim);
 
 	/*
 	 * Pull subscriptions with due events, and their wake-up text.  Each
@@ -250,8 +272,8 @@ deliver_message(StringInfo buf, DeliverRow *row, int parts)
  * truncated.
  */
 static void
-deliver_notification(StringInfo buf, HeapTuple tuple, TupleDesc desc,
-					 bool whole, bool with_lease)
+deliver_notification(StringInfo buf, TupleTableSlot *slot, bool whole,
+					 bool with_lease)
 {
 	int			base = DM_ENVELOPE | (with_lease ? DM_LEASE : 0);
 	int			tries[3];
@@ -259,10 +281,10 @@ deliver_notification(StringInfo buf, HeapTuple tuple, TupleDesc desc,
 	int			i;
 	DeliverRow	row;
 
-	if (desc->natts != DC_LEASED_UNTIL)
-		elog(ERROR, "eventbox: unexpected columns in a delivery");
-	row.desc = desc;
-	heap_deform_tuple(tuple, desc, row.values, row.nulls);
+	row.desc = slot->tts_tupleDescriptor;
+	slot_getallattrs(slot);
+	memcpy(row.values, slot->tts_values, sizeof(row.values));
+	memcpy(row.nulls, slot->tts_isnull, sizeof(row.nulls));
 
 	if (whole)
 	{
@@ -295,6 +317,59 @@ deliver_wakeup(const char *subscription)
 	return buf.data;
 }
 
+/* ---- the subscriptions ----------------------------------------------------- */
+
+/*
+ * The subscriptions that are not paused, in creation order, as the worker
+ * read them last.  They are read again only when the table changed (see
+ * EventboxSubscriptionsGeneration): a statement per cycle for a list that
+ * hardly ever changes.
+ */
+typedef struct DeliverSub
+{
+	text	   *name;
+	char	   *mode;
+	char	   *notify;
+	char	   *channel;
+} DeliverSub;
+
+static DeliverSub *subs = NULL;
+static int	nsubs = 0;
+static uint64 subs_generation = 0;
+static MemoryContext subs_ctx = NULL;
+
+static void
+deliver_load_subs(void)
+{
+	uint64		generation = EventboxSubscriptionsGeneration();
+	MemoryContext old;
+	int			i;
+	bool		isnull;
+
+	if (subs_ctx != NULL && generation == subs_generation)
+		return;
+	if (subs_ctx == NULL)
+		subs_ctx = AllocSetContextCreate(TopMemoryContext, "eventbox worker subscriptions",
+										 ALLOCSET_SMALL_SIZES);
+	MemoryContextReset(subs_ctx);
+	EventboxExecPlan(plan_subs, NULL, NULL, SPI_OK_SELECT, "subscription list");
+	old = MemoryContextSwitchTo(subs_ctx);
+	nsubs = (int) SPI_processed;
+	subs = palloc0(sizeof(DeliverSub) * Max(nsubs, 1));
+	for (i = 0; i < nsubs; i++)
+	{
+		HeapTuple	t = SPI_tuptable->vals[i];
+		TupleDesc	d = SPI_tuptable->tupdesc;
+
+		subs[i].name = DatumGetTextPCopy(SPI_getbinval(t, d, 1, &isnull));
+		subs[i].mode = TextDatumGetCString(SPI_getbinval(t, d, 2, &isnull));
+		subs[i].notify = TextDatumGetCString(SPI_getbinval(t, d, 3, &isnull));
+		subs[i].channel = TextDatumGetCString(SPI_getbinval(t, d, 4, &isnull));
+	}
+	MemoryContextSwitchTo(old);
+	subs_generation = generation;
+}
+
 /* ---- the cycle ------------------------------------------------------------ */
 
 /*
@@ -318,9 +393,7 @@ EventboxDeliver(int batch, uint64 *forwarded)
 	bool		timers = (now < timers_at ||	/* the clock went back */
 						  now - timers_at >= DELIVER_TIMER_MS * (TimestampTz) 1000);
 	Datum		arg = TimestampTzGetDatum(now);
-	SPITupleTable *subs;
-	uint64		nsubs;
-	uint64		i;
+	int			i;
 	bool		more = false;
 	bool		pull_wake = false;
 	bool		isnull;
@@ -335,22 +408,18 @@ EventboxDeliver(int batch, uint64 *forwarded)
 		EventboxExecPlan(plan_expire, &arg, NULL, SPI_OK_SELECT, "lease expiry");
 	}
 
-	EventboxExecPlan(plan_subs, NULL, NULL, SPI_OK_SELECT, "subscription list");
-	subs = SPI_tuptable;
-	nsubs = SPI_processed;
+	deliver_load_subs();
 	for (i = 0; i < nsubs; i++)
 	{
-		HeapTuple	s = subs->vals[i];
-		Datum		name = SPI_getbinval(s, subs->tupdesc, 1, &isnull);
-		char	   *mode = TextDatumGetCString(SPI_getbinval(s, subs->tupdesc, 2, &isnull));
-		char	   *notify = TextDatumGetCString(SPI_getbinval(s, subs->tupdesc, 3, &isnull));
-		char	   *channel;
+		DeliverSub *sub = &subs[i];
+		const char *mode = sub->mode;
+		const char *notify = sub->notify;
+		const char *channel = sub->channel;
 		bool		whole = (strcmp(notify, "event") == 0);
 		bool		with_lease = (strcmp(mode, "push") == 0);
-		Datum		args[2];
-		SPITupleTable *rows;
-		uint64		n;
-		uint64		j;
+		Tuplestorestate *rows;
+		TupleTableSlot *slot;
+		uint64		n = 0;
 
 		CHECK_FOR_INTERRUPTS();
 		if (strcmp(mode, "pull") == 0)
@@ -359,37 +428,40 @@ EventboxDeliver(int batch, uint64 *forwarded)
 				pull_wake = true;
 			continue;
 		}
-		channel = TextDatumGetCString(SPI_getbinval(s, subs->tupdesc, 4, &isnull));
-		args[0] = Int32GetDatum(batch);
-		args[1] = name;
-		EventboxExecPlan(plan_claim, args, NULL, SPI_OK_SELECT, "push claim");
-		rows = SPI_tuptable;
-		n = SPI_processed;
+		rows = tuplestore_begin_heap(false, false, work_mem);
+		EventboxClaimPush(sub->name, batch, rows, delivery_desc);
+		slot = MakeSingleTupleTableSlot(delivery_desc, &TTSOpsMinimalTuple);
 		if (whole || strcmp(notify, "envelope") == 0)
 		{
 			StringInfoData buf;
 
 			initStringInfo(&buf);
-			for (j = 0; j < n; j++)
+			while (tuplestore_gettupleslot(rows, true, false, slot))
 			{
-				deliver_notification(&buf, rows->vals[j], rows->tupdesc,
-									 whole, with_lease);
+				deliver_notification(&buf, slot, whole, with_lease);
 				Async_Notify(channel, buf.data);
+				n++;
 			}
 			pfree(buf.data);
 		}
-		else if (n > 0 && strcmp(notify, "wakeup") == 0)
-			Async_Notify(channel, deliver_wakeup(TextDatumGetCString(name)));
+		else
+		{
+			while (tuplestore_gettupleslot(rows, true, false, slot))
+				n++;
+			if (n > 0 && strcmp(notify, "wakeup") == 0)
+				Async_Notify(channel, deliver_wakeup(text_to_cstring(sub->name)));
+		}
 		*forwarded += n;
 		if (n >= (uint64) batch)
 			more = true;		/* a backlog: come back at once */
-		SPI_freetuptable(rows);
+		ExecDropSingleTupleTableSlot(slot);
+		tuplestore_end(rows);
 	}
 
 	if (timers && pull_wake)
 	{
 		EventboxExecPlan(plan_pull_wake, &arg, NULL, SPI_OK_SELECT, "wake-up check");
-		for (i = 0; i < SPI_processed; i++)
+		for (i = 0; i < (int) SPI_processed; i++)
 		{
 			HeapTuple	w = SPI_tuptable->vals[i];
 

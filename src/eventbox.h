@@ -21,6 +21,7 @@
 #include "datatype/timestamp.h"
 #include "executor/spi.h"
 #include "storage/spin.h"
+#include "utils/tuplestore.h"
 #include "utils/uuid.h"
 
 /*
@@ -107,6 +108,8 @@ extern EventboxDbSlot *EventboxSlot(Oid dboid, bool create);
 extern void EventboxCrashBoundary(void);
 
 /* consume.c */
+extern uint64 EventboxSubscriptionsGeneration(void);
+extern void EventboxClaimPush(text *name, int n, Tuplestorestate *out, TupleDesc desc);
 extern void EventboxWriteHeld(bool release);
 extern bool EventboxHeldDirty(void);
 extern void EventboxForgetHeld(void);
