@@ -138,6 +138,7 @@ static SPIPlanPtr plan_cursor = NULL;
 static SPIPlanPtr plan_retry_done = NULL;
 static SPIPlanPtr plan_retry_orphans = NULL;
 static SPIPlanPtr plan_ack_find = NULL;
+static SPIPlanPtr plan_ack_find_tid = NULL;
 static SPIPlanPtr plan_ack_delete = NULL;
 static SPIPlanPtr plan_ack_update = NULL;
 
@@ -747,6 +748,70 @@ consume_snapshot_equal(Datum a, Datum b)
 }
 
 /*
+ * Where the batches this backend inserted last were.  Under a held xmin
+ * horizon the batches table fills with dead versions (a batch is inserted
+ * per claim and deleted by its ack), and the ack's lookup through
+ * (sub_id, lane) walks every one of them.  A consumer usually acks in the
+ * session that claimed, so an ack first looks at these row versions (a
+ * TID scan) and goes through the index only when they do not hold every
+ * event it acks.
+ */
+#define BATCH_TIDS 64
+
+typedef struct BatchTid
+{
+	int32		sub_id;			/* 0: unused */
+	ItemPointerData tid;
+} BatchTid;
+
+static BatchTid batch_tids[BATCH_TIDS];
+static int	batch_tids_next = 0;
+
+static void
+batch_tid_remember(int32 sub_id, Datum tid)
+{
+	BatchTid   *b = &batch_tids[batch_tids_next];
+
+	b->sub_id = sub_id;
+	ItemPointerCopy((ItemPointer) DatumGetPointer(tid), &b->tid);
+	batch_tids_next = (batch_tids_next + 1) % BATCH_TIDS;
+}
+
+/*
+ * The earliest deadline of the leases this transaction took, for the
+ * database's lease bound when it commits (see EventboxLeaseBound).
+ */
+static TimestampTz lease_taken = DT_NOEND;
+
+static void
+claim_lease_xact_callback(XactEvent event, void *arg)
+{
+	if (lease_taken == DT_NOEND)
+		return;
+	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_PARALLEL_COMMIT)
+		EventboxLowerLeaseBound(lease_taken);
+	else if (event == XACT_EVENT_PREPARE)
+		EventboxLowerLeaseBound(0); /* see deliver.c */
+	else if (event != XACT_EVENT_ABORT && event != XACT_EVENT_PARALLEL_ABORT)
+		return;
+	lease_taken = DT_NOEND;
+}
+
+static void
+claim_lease_taken(TimestampTz leased_until)
+{
+	static bool registered = false;
+
+	if (!registered)
+	{
+		RegisterXactCallback(claim_lease_xact_callback, NULL);
+		registered = true;
+	}
+	if (leased_until < lease_taken)
+		lease_taken = leased_until;
+}
+
+/*
  * claim_lane takes events from one lane: its due retries first, then new
  * events from its cursor's windows, and moves *cur on.  The caller holds
  * the cursor (its row lock, or the worker's memory for push_once) and
@@ -894,7 +959,13 @@ claim_lane(ClaimState *st, int lane, CursorPos *cur)
 		values[4] = Int32GetDatum(st->retry_count);
 		values[5] = TimestampTzGetDatum(st->now);
 		values[6] = TimestampTzGetDatum(st->leased_until);
-		EventboxExecPlan(plan_batch, values, NULL, SPI_OK_INSERT, "batch insert");
+		EventboxExecPlan(plan_batch, values, NULL, SPI_OK_INSERT_RETURNING, "batch insert");
+		claim_lease_taken(st->leased_until);
+		{
+			bool		isnull;
+
+			batch_tid_remember(st->sub->sub_id, consume_col(0, 1, &isnull));
+		}
 	}
 
 	cur->snap = snap;
@@ -1061,7 +1132,8 @@ consume_prepare_claim_plans(void)
 		plan_batch = EventboxPreparePlan(
 										 "INSERT INTO eventbox.batches"
 										 " (sub_id, lane, lease, ids, retry_count, claimed_at, leased_until)"
-										 " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+										 " VALUES ($1, $2, $3, $4, $5, $6, $7)"
+										 " RETURNING ctid",
 										 7, types);
 	}
 	{
@@ -1671,8 +1743,11 @@ claim_run(text *name, int32 n, Interval *lease, bool for_worker,
 		return;
 	}
 
-	/* leases that ran out give their events back first (push_once has none) */
-	if (!st.no_lease)
+	/*
+	 * leases that ran out give their events back first (push_once has
+	 * none); only when one can have (see EventboxLeaseBound)
+	 */
+	if (!st.no_lease && GetCurrentTimestamp() >= EventboxLeaseBound())
 	{
 		Datum		values[2];
 
@@ -1764,6 +1839,28 @@ consume_int64_cmp(const void *a, const void *b)
 	return (x > y) - (x < y);
 }
 
+/* how many of ids (sorted) a batch row (batch_id, ids, ...) holds */
+static int
+ack_count_in(HeapTuple batch, TupleDesc desc, int64 *ids, int nids)
+{
+	bool		isnull;
+	ArrayType  *arr = DatumGetArrayTypeP(SPI_getbinval(batch, desc, 2, &isnull));
+	Datum	   *bids;
+	int			nb;
+	int			j;
+	int			n = 0;
+
+	deconstruct_array(arr, INT8OID, 8, true, TYPALIGN_DOUBLE, &bids, NULL, &nb);
+	for (j = 0; j < nb; j++)
+	{
+		int64		id = DatumGetInt64(bids[j]);
+
+		if (bsearch(&id, ids, nids, sizeof(int64), consume_int64_cmp))
+			n++;
+	}
+	return n;
+}
+
 /*
  * consume_ack removes the given event ids from the subscription's batches
  * (only those under `lease`, when given) and returns how many it removed.
@@ -1773,12 +1870,13 @@ static int
 consume_ack(text *subname, int64 *ids, int nids, Datum lease, bool lease_null)
 {
 	ConsumeSub *sub;
-	Datum		values[3];
-	char		nulls[3] = "   ";
+	Datum		values[4];
+	char		nulls[4] = "    ";
 	int			i;
 	int			nbatches;
 	int			acked = 0;
-	SPITupleTable *batches;
+	HeapTuple  *rows;
+	TupleDesc	rdesc;
 	MemoryContext ctx = CurrentMemoryContext;
 
 	/* sort and drop duplicates, so each event counts once */
@@ -1809,6 +1907,18 @@ consume_ack(text *subname, int64 *ids, int nids, Datum lease, bool lease_null)
 											" AND ($3::uuid IS NULL OR lease = $3)"
 											" ORDER BY batch_id FOR UPDATE",
 											3, types);
+		{
+			Oid			t_tid[4] = {INT4OID, INT8ARRAYOID, UUIDOID, TIDOID};
+
+			/* see batch_tid_remember */
+			plan_ack_find_tid = EventboxPreparePlan(
+													"SELECT batch_id, ids, retry_count FROM eventbox.batches"
+													" WHERE ctid = $4 AND sub_id = $1"
+													" AND ids OPERATOR(pg_catalog.&&) $2"
+													" AND ($3::uuid IS NULL OR lease = $3)"
+													" FOR UPDATE",
+													4, t_tid);
+		}
 		plan_ack_update = EventboxPreparePlan(
 											  "UPDATE eventbox.batches SET ids = $2, retry_count = $3"
 											  " WHERE batch_id = $1",
@@ -1830,18 +1940,45 @@ consume_ack(text *subname, int64 *ids, int nids, Datum lease, bool lease_null)
 	values[1] = consume_int8_array(ids, nids);
 	values[2] = lease;
 	nulls[2] = lease_null ? 'n' : ' ';
-	EventboxExecPlan(plan_ack_find, values, nulls, SPI_OK_SELECT, "batch lookup");
-	batches = SPI_tuptable;
-	nbatches = (int) SPI_processed;
+	nbatches = 0;
+	rows = NULL;
+	rdesc = NULL;
+	{
+		/* this backend's own batches first (see batch_tid_remember) */
+		int			covered = 0;
+		int			k;
+
+		rows = palloc(sizeof(HeapTuple) * BATCH_TIDS);
+		for (k = 0; k < BATCH_TIDS && covered < nids; k++)
+		{
+			BatchTid   *b = &batch_tids[(batch_tids_next + k) % BATCH_TIDS];
+
+			if (b->sub_id != sub->sub_id)
+				continue;
+			values[3] = PointerGetDatum(&b->tid);
+			EventboxExecPlan(plan_ack_find_tid, values, nulls, SPI_OK_SELECT, "batch lookup");
+			if (SPI_processed == 0)
+				continue;
+			if (rdesc == NULL)
+				rdesc = CreateTupleDescCopy(SPI_tuptable->tupdesc);
+			rows[nbatches++] = SPI_copytuple(SPI_tuptable->vals[0]);
+			covered += ack_count_in(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, ids, nids);
+		}
+		if (covered < nids)
+		{
+			EventboxExecPlan(plan_ack_find, values, nulls, SPI_OK_SELECT, "batch lookup");
+			rows = SPI_tuptable->vals;
+			rdesc = SPI_tuptable->tupdesc;
+			nbatches = (int) SPI_processed;
+		}
+	}
 
 	for (i = 0; i < nbatches; i++)
 	{
 		bool		isnull;
-		Datum		batch_id = SPI_getbinval(batches->vals[i], batches->tupdesc, 1, &isnull);
-		ArrayType  *arr = DatumGetArrayTypeP(SPI_getbinval(batches->vals[i],
-														   batches->tupdesc, 2, &isnull));
-		int32		retry_count = DatumGetInt32(SPI_getbinval(batches->vals[i],
-															  batches->tupdesc, 3, &isnull));
+		Datum		batch_id = SPI_getbinval(rows[i], rdesc, 1, &isnull);
+		ArrayType  *arr = DatumGetArrayTypeP(SPI_getbinval(rows[i], rdesc, 2, &isnull));
+		int32		retry_count = DatumGetInt32(SPI_getbinval(rows[i], rdesc, 3, &isnull));
 		Datum	   *bids;
 		int			nb;
 		int			j;

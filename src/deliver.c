@@ -64,6 +64,8 @@ static SPIPlanPtr plan_subs = NULL;
 static TupleDesc delivery_desc = NULL;
 static SPIPlanPtr plan_pull_wake = NULL;
 static SPIPlanPtr plan_next_due = NULL;
+static SPIPlanPtr plan_lease_min = NULL;
+static SPIPlanPtr plan_prepared = NULL;
 
 static void
 deliver_prepare_plans(void)
@@ -145,9 +147,13 @@ deliver_prepare_plans(void)
 										"SELECT LEAST("
 										" (SELECT min(next_attempt_at) FROM eventbox.retries"
 										"  WHERE next_attempt_at > $1 AND next_attempt_at <> 'infinity'),"
-										" (SELECT min(leased_until) FROM eventbox.batches),"
 										" (SELECT min(deliver_at) FROM eventbox.log WHERE deliver_at > $1))",
 										1, t_ts);
+	plan_lease_min = EventboxPreparePlan("SELECT min(leased_until) FROM eventbox.batches",
+										 0, NULL);
+	plan_prepared = EventboxPreparePlan("SELECT EXISTS (SELECT FROM pg_catalog.pg_prepared_xacts p"
+										" WHERE p.database = pg_catalog.current_database())",
+										0, NULL);
 }
 
 /* ---- building notification texts ---------------------------------------- */
@@ -389,6 +395,7 @@ TimestampTz
 EventboxDeliver(int batch, uint64 *forwarded)
 {
 	static TimestampTz timers_at = 0;
+	static TimestampTz pull_wake_next = 0;
 	TimestampTz now = GetCurrentTimestamp();
 	bool		timers = (now < timers_at ||	/* the clock went back */
 						  now - timers_at >= DELIVER_TIMER_MS * (TimestampTz) 1000);
@@ -402,10 +409,33 @@ EventboxDeliver(int batch, uint64 *forwarded)
 	deliver_prepare_plans();
 	*forwarded = 0;
 
+	/* leases, only when one can have run out (see EventboxLeaseBound) */
 	if (timers)
 	{
 		timers_at = now;
-		EventboxExecPlan(plan_expire, &arg, NULL, SPI_OK_SELECT, "lease expiry");
+		if (now >= EventboxLeaseBound())
+		{
+			bool		prepared;
+
+			/*
+			 * A prepared transaction's batches show only when it commits,
+			 * in a backend that does not lower the bound: while one
+			 * exists, the bound stays unknown (a claim that prepares
+			 * sets it so; this looks after raising it, so no prepare
+			 * falls between).
+			 */
+			EventboxRaiseLeaseBound();
+			EventboxExecPlan(plan_prepared, NULL, NULL, SPI_OK_SELECT, "prepared transactions");
+			prepared = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
+												  SPI_tuptable->tupdesc, 1, &isnull));
+			if (prepared)
+				EventboxLowerLeaseBound(0);
+			EventboxExecPlan(plan_expire, &arg, NULL, SPI_OK_SELECT, "lease expiry");
+			EventboxExecPlan(plan_lease_min, NULL, NULL, SPI_OK_SELECT, "lease bound");
+			due = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+			if (!isnull)
+				EventboxLowerLeaseBound(DatumGetTimestampTz(due));
+		}
 	}
 
 	deliver_load_subs();
@@ -458,9 +488,18 @@ EventboxDeliver(int batch, uint64 *forwarded)
 		tuplestore_end(rows);
 	}
 
-	if (timers && pull_wake)
+	/*
+	 * The wake-up check reads every pull cursor, and under a long
+	 * transaction holding the xmin horizon it walks all their dead versions
+	 * (one per claim): then it runs no more than a tenth of the time.
+	 */
+	if (timers && pull_wake && now >= pull_wake_next)
 	{
+		TimestampTz end;
+
 		EventboxExecPlan(plan_pull_wake, &arg, NULL, SPI_OK_SELECT, "wake-up check");
+		end = GetCurrentTimestamp();
+		pull_wake_next = end + 9 * (end - now);
 		for (i = 0; i < (int) SPI_processed; i++)
 		{
 			HeapTuple	w = SPI_tuptable->vals[i];
@@ -476,5 +515,21 @@ EventboxDeliver(int batch, uint64 *forwarded)
 		return TimestampTzPlusMilliseconds(timers_at, DELIVER_TIMER_MS);
 	EventboxExecPlan(plan_next_due, &arg, NULL, SPI_OK_SELECT, "next due time");
 	due = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-	return isnull ? 0 : DatumGetTimestampTz(due);
+	{
+		TimestampTz bound = EventboxLeaseBound();
+		TimestampTz next = isnull ? DT_NOEND : DatumGetTimestampTz(due);
+
+		if (bound == 0)
+		{
+			/* unknown (a prepared transaction exists): look */
+			EventboxExecPlan(plan_lease_min, NULL, NULL, SPI_OK_SELECT, "lease bound");
+			due = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+			bound = isnull ? DT_NOEND : DatumGetTimestampTz(due);
+		}
+
+		/* the earliest lease deadline */
+		if (bound < next)
+			next = bound;
+		return next == DT_NOEND ? 0 : next;
+	}
 }

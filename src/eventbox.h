@@ -49,6 +49,9 @@ typedef struct EventboxDbSlot
 	uint64		writeback_requested;	/* bumped to ask the worker to write
 										 * back the cursors it holds */
 	uint64		writeback_done; /* the last request it has done */
+	TimestampTz lease_bound;	/* no batch committed in this database has
+								 * an earlier leased_until (see
+								 * EventboxLeaseBound); 0: unknown */
 } EventboxDbSlot;
 
 typedef struct EventboxSharedState
@@ -106,6 +109,9 @@ extern void EventboxWakeWorker(Oid dboid);
 extern void EventboxWakeLauncher(void);
 extern EventboxDbSlot *EventboxSlot(Oid dboid, bool create);
 extern void EventboxCrashBoundary(void);
+extern TimestampTz EventboxLeaseBound(void);
+extern void EventboxLowerLeaseBound(TimestampTz t);
+extern void EventboxRaiseLeaseBound(void);
 
 /* consume.c */
 extern uint64 EventboxSubscriptionsGeneration(void);

@@ -270,3 +270,62 @@ EventboxSlot(Oid dboid, bool create)
 	free_slot->worker_procno = -1;
 	return free_slot;
 }
+
+/*
+ * The lease bound of a database: no batch that a committed transaction
+ * inserted has a leased_until before it.  Under a long transaction that
+ * holds the xmin horizon, every claim and ack leaves a dead batch version
+ * behind, and each search for ran-out leases (a claim's, the worker's
+ * every 5 ms) walks all of them; with the bound, a search runs only when
+ * a lease can have run out.
+ *
+ * Claims lower the bound with their leases' deadlines when they commit
+ * (after the batch became visible).  The worker raises it: it sets the
+ * bound to infinity, then (with a snapshot taken after that) expires what
+ * ran out and lowers the bound to the earliest leased_until left.  A batch
+ * committed before the raise is in the worker's snapshot; one committed
+ * after it lowers the bound itself.  A failed worker cycle sets the bound
+ * back to 0 (unknown).  extend_lease only moves deadlines later, and
+ * deleted batches only make the bound early: both keep it a lower bound.
+ */
+TimestampTz
+EventboxLeaseBound(void)
+{
+	EventboxDbSlot *slot;
+	TimestampTz bound = 0;
+
+	if (EventboxShared == NULL)
+		return 0;
+	SpinLockAcquire(&EventboxShared->mutex);
+	slot = EventboxSlot(MyDatabaseId, false);
+	if (slot != NULL)
+		bound = slot->lease_bound;
+	SpinLockRelease(&EventboxShared->mutex);
+	return bound;
+}
+
+static void
+lease_bound_set(TimestampTz t, bool only_lower)
+{
+	EventboxDbSlot *slot;
+
+	if (EventboxShared == NULL)
+		return;
+	SpinLockAcquire(&EventboxShared->mutex);
+	slot = EventboxSlot(MyDatabaseId, false);
+	if (slot != NULL && (!only_lower || t < slot->lease_bound))
+		slot->lease_bound = t;
+	SpinLockRelease(&EventboxShared->mutex);
+}
+
+void
+EventboxLowerLeaseBound(TimestampTz t)
+{
+	lease_bound_set(t, true);
+}
+
+void
+EventboxRaiseLeaseBound(void)
+{
+	lease_bound_set(DT_NOEND, false);
+}

@@ -333,6 +333,8 @@ worker_cycle(WorkerCycle kind, bool *installed, TimestampTz *next_due,
 		edata = CopyErrorData();
 		FlushErrorState();
 		AbortCurrentTransaction();
+		/* the cycle may have raised the lease bound: no longer known */
+		EventboxLowerLeaseBound(0);
 		if (failures == 0)
 			ereport(LOG,
 					(errmsg("eventbox worker cycle failed: %s", edata->message),
