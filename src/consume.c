@@ -87,6 +87,7 @@ typedef struct ClaimState
 	int64	   *ids;
 	int			nids;
 	int			retry_count;
+	int			read;			/* log rows its window scans returned */
 } ClaimState;
 
 /* A lane's cursor: its snapshot, window target and position. */
@@ -834,6 +835,7 @@ claim_lane(ClaimState *st, int lane, CursorPos *cur)
 
 	st->nids = 0;
 	st->retry_count = 0;
+	st->read = 0;
 
 	if (st->sub->ordered)
 		stopped = claim_retries_lane(st, lane);
@@ -922,6 +924,7 @@ claim_lane(ClaimState *st, int lane, CursorPos *cur)
 			args[7] = Int64GetDatum(limit - got);
 			got += claim_window(st, plan_band, args, lane, &pos_txid, &pos_id, &stopped);
 		}
+		st->read += got;
 		if (got > 0)
 			moved = true;
 		if (stopped || got == limit)
@@ -1000,11 +1003,11 @@ consume_prepare_claim_plans(void)
 										  2, types);
 	}
 	plan_lock = EventboxPreparePlan(
-									"SELECT snap, target, pos_txid, pos_id, ctid FROM eventbox.cursors"
+									"SELECT snap, target, pos_txid, pos_id, ctid, updated_at FROM eventbox.cursors"
 									" WHERE sub_id = $1 AND lane = $2 FOR UPDATE",
 									2, t_sub_lane);
 	plan_lock_skip = EventboxPreparePlan(
-										 "SELECT snap, target, pos_txid, pos_id, ctid FROM eventbox.cursors"
+										 "SELECT snap, target, pos_txid, pos_id, ctid, updated_at FROM eventbox.cursors"
 										 " WHERE sub_id = $1 AND lane = $2 FOR UPDATE SKIP LOCKED",
 										 2, t_sub_lane);
 	{
@@ -1012,11 +1015,11 @@ consume_prepare_claim_plans(void)
 
 		/* see cursor_tid_find */
 		plan_lock_tid = EventboxPreparePlan(
-											"SELECT snap, target, pos_txid, pos_id, ctid FROM eventbox.cursors"
+											"SELECT snap, target, pos_txid, pos_id, ctid, updated_at FROM eventbox.cursors"
 											" WHERE ctid = $3 AND sub_id = $1 AND lane = $2 FOR UPDATE",
 											3, types);
 		plan_lock_tid_skip = EventboxPreparePlan(
-												 "SELECT snap, target, pos_txid, pos_id, ctid FROM eventbox.cursors"
+												 "SELECT snap, target, pos_txid, pos_id, ctid, updated_at FROM eventbox.cursors"
 												 " WHERE ctid = $3 AND sub_id = $1 AND lane = $2"
 												 " FOR UPDATE SKIP LOCKED",
 												 3, types);
@@ -1530,6 +1533,27 @@ push_once_handover(PG_FUNCTION_ARGS)
  * held in its memory instead (see above).  Returns whether the lane gave
  * any events.
  */
+/*
+ * A claim that found nothing in its window leaves the cursor row as it
+ * is, if the row was written in the last CURSOR_IDLE_WRITE_MS: the old
+ * position stays right (the part of the log it skipped holds nothing this
+ * lane takes), and the next claim looks through that part again.  A
+ * consumer that polls finds nothing in about half its claims (the one
+ * after each batch); a row version for each of those was half the cursor
+ * table's growth while a long transaction held the horizon, with nothing
+ * gained.  The interval bounds what the next claims look through again:
+ * for a lane with a type filter or several lanes, the log rows of that
+ * time that the lane does not take.
+ */
+#define CURSOR_IDLE_WRITE_MS 100
+
+static bool
+cursor_write_can_wait(ClaimState *st, TimestampTz written)
+{
+	return st->nids == 0 && st->read == 0 &&
+		!TimestampDifferenceExceeds(written, st->now, CURSOR_IDLE_WRITE_MS);
+}
+
 static bool
 claim_try_lane(ClaimState *st, int lane)
 {
@@ -1541,6 +1565,7 @@ claim_try_lane(ClaimState *st, int lane)
 	bool		isnull;
 	CursorPos	pos;
 	ItemPointerData tid;
+	TimestampTz written;
 	MemoryContext old;
 
 	if (known != NULL && cursor_held(known)->held)
@@ -1586,6 +1611,7 @@ claim_try_lane(ClaimState *st, int lane)
 	ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(cursor, cdesc, 5, &isnull)),
 					&tid);
 	MemoryContextSwitchTo(old);
+	written = DatumGetTimestampTz(SPI_getbinval(cursor, cdesc, 6, &isnull));
 	cursor_tid_remember(st->sub->sub_id, lane, PointerGetDatum(&tid));
 
 	if (st->sub->ordered)
@@ -1601,7 +1627,7 @@ claim_try_lane(ClaimState *st, int lane)
 		cursor_hold(cursor_find(st->sub->sub_id, lane, true), &pos, st->nids, &tid,
 					moved);
 	}
-	else if (claim_lane(st, lane, &pos))
+	else if (claim_lane(st, lane, &pos) && !cursor_write_can_wait(st, written))
 	{
 		ItemPointerData newtid;
 
