@@ -132,6 +132,21 @@ SELECT test.expect_error($$SELECT eventbox.ack(NULL::bigint[], 't06_a')$$);
 SELECT test.expect_error($$SELECT eventbox.ack(1::bigint, 't06_nope')$$);
 SELECT test.expect_error($$SELECT eventbox.ack(ARRAY[1]::bigint[], 't06_nope')$$);
 
+-- claims and acks plan through the indexes (enable_seqscan and
+-- enable_bitmapscan off for the call) and leave the session's planner
+-- settings as they were, also when they fail
+SELECT eventbox.publish('t06.settings') - :base AS id;
+SELECT count(*) FROM eventbox.claim_batch(10, 't06_b');
+SELECT current_setting('enable_seqscan') AS seqscan,
+	   current_setting('enable_bitmapscan') AS bitmapscan;
+SELECT eventbox.ack(ARRAY[1]::bigint[], 't06_b');
+SELECT test.expect_error($$SELECT * FROM eventbox.claim_batch(1, 't06_nope')$$);
+SET enable_bitmapscan = off;
+SELECT count(*) FROM eventbox.claim_batch(10, 't06_b');
+SELECT current_setting('enable_seqscan') AS seqscan,
+	   current_setting('enable_bitmapscan') AS bitmapscan;
+RESET enable_bitmapscan;
+
 SELECT eventbox.unsubscribe('t06_a');
 SELECT eventbox.unsubscribe('t06_b');
 SELECT eventbox.unsubscribe('t06_push');

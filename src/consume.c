@@ -1695,6 +1695,32 @@ EventboxClaimPush(text *name, int n, Tuplestorestate *out, TupleDesc desc)
 }
 
 /*
+ * consume_begin opens what the statements of a claim or an ack run in:
+ * name lookup pinned to pg_catalog (EventboxPushSearchPath), plans through
+ * the indexes (EventboxIndexPlansBegin; the worker has that for all its
+ * statements) and an SPI connection.  consume_end(its result) closes it.
+ */
+static int
+consume_begin(void)
+{
+	int			level = EventboxIsWorker ? 0 : EventboxIndexPlansBegin();
+
+	EventboxPushSearchPath();
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "eventbox: SPI_connect failed");
+	return level;
+}
+
+static void
+consume_end(int level)
+{
+	SPI_finish();
+	EventboxPopSearchPath();
+	if (level > 0)
+		EventboxIndexPlansEnd(level);
+}
+
+/*
  * claim_run is a claim: up to n deliveries of subscription `name` (NULL:
  * eventbox.subscription) leased for `lease` (NULL: the subscription's),
  * appended to out.  for_worker: a push claim by the worker.
@@ -1704,6 +1730,7 @@ claim_run(text *name, int32 n, Interval *lease, bool for_worker,
 		  Tuplestorestate *out, TupleDesc desc)
 {
 	ClaimState	st;
+	int			level;
 	int			lane;
 	int			first = 0;
 	int			i;
@@ -1732,9 +1759,7 @@ claim_run(text *name, int32 n, Interval *lease, bool for_worker,
 			return;				/* its mode is changing: next cycle */
 	}
 
-	EventboxPushSearchPath();
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "eventbox: SPI_connect failed");
+	level = consume_begin();
 	consume_prepare_claim_plans();
 
 	st.sub = consume_sub(name, st.ctx);
@@ -1749,8 +1774,7 @@ claim_run(text *name, int32 n, Interval *lease, bool for_worker,
 		/* pull since the worker listed it (alter_subscription committed) */
 		if (strcmp(st.sub->mode, "pull") == 0)
 		{
-			SPI_finish();
-			EventboxPopSearchPath();
+			consume_end(level);
 			return;
 		}
 		st.no_lease = (strcmp(st.sub->mode, "push_once") == 0);
@@ -1764,8 +1788,7 @@ claim_run(text *name, int32 n, Interval *lease, bool for_worker,
 				 errhint("LISTEN on the subscription's channel, or create a pull subscription with eventbox.subscribe().")));
 	if (st.sub->paused)
 	{
-		SPI_finish();
-		EventboxPopSearchPath();
+		consume_end(level);
 		return;
 	}
 
@@ -1830,8 +1853,7 @@ claim_run(text *name, int32 n, Interval *lease, bool for_worker,
 			(void) claim_try_lane(&st, lane);
 	}
 
-	SPI_finish();
-	EventboxPopSearchPath();
+	consume_end(level);
 	return;
 }
 
@@ -1901,6 +1923,7 @@ consume_ack(text *subname, int64 *ids, int nids, Datum lease, bool lease_null)
 	int			i;
 	int			nbatches;
 	int			acked = 0;
+	int			level;
 	HeapTuple  *rows;
 	TupleDesc	rdesc;
 	MemoryContext ctx = CurrentMemoryContext;
@@ -1917,9 +1940,7 @@ consume_ack(text *subname, int64 *ids, int nids, Datum lease, bool lease_null)
 		nids = k;
 	}
 
-	EventboxPushSearchPath();
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "eventbox: SPI_connect failed");
+	level = consume_begin();
 	consume_prepare_claim_plans();	/* plan_retry_done */
 	if (plan_ack_find == NULL)
 	{
@@ -1957,8 +1978,7 @@ consume_ack(text *subname, int64 *ids, int nids, Datum lease, bool lease_null)
 	sub = consume_sub(subname, ctx);
 	if (nids == 0)
 	{
-		SPI_finish();
-		EventboxPopSearchPath();
+		consume_end(level);
 		return 0;
 	}
 
@@ -2054,8 +2074,7 @@ consume_ack(text *subname, int64 *ids, int nids, Datum lease, bool lease_null)
 		}
 	}
 
-	SPI_finish();
-	EventboxPopSearchPath();
+	consume_end(level);
 	return acked;
 }
 

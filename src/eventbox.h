@@ -101,6 +101,8 @@ extern void EventboxExecPlan(SPIPlanPtr plan, Datum *values, const char *nulls,
 extern void EventboxRandomBytes(void *buf, size_t len);
 extern void EventboxPushSearchPath(void);
 extern void EventboxPopSearchPath(void);
+extern int	EventboxIndexPlansBegin(void);
+extern void EventboxIndexPlansEnd(int level);
 
 /* shmem.c */
 extern void EventboxShmemInit(void);

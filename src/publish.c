@@ -248,6 +248,7 @@ publish_dedupe(text *key)
 	LOCKTAG		tag;
 	Datum		values[2];
 	int			rc;
+	int			level;
 	int64		found = 0;
 
 	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId,
@@ -275,9 +276,11 @@ publish_dedupe(text *key)
 	 * READ the transaction snapshot predates the commit we waited for.
 	 */
 	CommandCounterIncrement();
+	level = EventboxIndexPlansBegin();
 	rc = SPI_execute_snapshot(publish_dedupe_plan, values, NULL,
 							  GetLatestSnapshot(), InvalidSnapshot,
 							  false, false, 1);
+	EventboxIndexPlansEnd(level);
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "eventbox: dedupe lookup failed: %s", SPI_result_code_string(rc));
 	if (SPI_processed > 0)

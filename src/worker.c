@@ -499,6 +499,10 @@ EventboxWorkerMain(Datum main_arg)
 	 */
 	SetConfigOption("jit", "off", PGC_SUSET, PGC_S_OVERRIDE);
 
+	/* plans through the indexes only: see EventboxIndexPlansBegin */
+	SetConfigOption("enable_seqscan", "off", PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("enable_bitmapscan", "off", PGC_SUSET, PGC_S_OVERRIDE);
+
 	/*
 	 * The worker's transactions do not wait for their WAL flush.  Events
 	 * are durable in the publishers' own commits; what a crash can undo
