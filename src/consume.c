@@ -26,11 +26,14 @@
  */
 #include "postgres.h"
 
+#include "access/heapam.h"
+#include "access/table.h"
 #include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "catalog/namespace.h"
 #include "commands/trigger.h"
 #include "common/hashfn.h"
+#include "storage/bufmgr.h"
 #include "storage/itemptr.h"
 #include "storage/lock.h"
 #include "eventbox.h"
@@ -45,6 +48,7 @@
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/rel.h"
 #include "utils/resowner.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
@@ -1459,6 +1463,202 @@ EventboxForgetHeld(void)
 		cursor_held_free(&entry->cur);
 		(void) hash_search(cursor_entries, &entry->key, HASH_REMOVE, NULL);
 	}
+}
+
+/*
+ * Moving cursor rows back to the start of their table.
+ *
+ * While a long transaction holds the xmin horizon, every cursor update
+ * leaves a version that cannot be pruned, and the newest version of each
+ * row walks to the end of a table grown to megabytes (a polling consumer
+ * leaves tens of thousands of versions in ten minutes).  When the horizon
+ * moves on, VACUUM frees that space but cannot give it back: it truncates
+ * only empty pages at the end of the table, and the live rows are there,
+ * updated in place ever after.  So the worker looks about once a second
+ * (after the rotation step) whether the table is longer than its rows
+ * need.  If it is, and a page near the start has room once pruned, each
+ * row found beyond those pages is moved there: deleted and inserted again,
+ * the insert aimed at that page.  The next VACUUM (autovacuum soon, since
+ * the table is then full of dead rows) truncates the rest.  While the
+ * horizon is still held, nothing near the start can be pruned, nothing
+ * moves, and the look costs reading those few pages.
+ *
+ * A moved row has a new ctid: backends that remembered the old one fall
+ * back to the key (cursor_tid_find), and the worker stages the new one for
+ * the positions it holds.  A row some claim holds locked stays where it
+ * is until the next look.  A REPEATABLE READ claim whose snapshot predates
+ * the move fails with a serialization error, as it does when another
+ * claim moved the cursor meanwhile.
+ */
+#define COMPACT_SLACK_PAGES 4	/* pages a few rows may use anyway */
+#define COMPACT_ROWS_PER_PAGE 16	/* rows per page at fillfactor 50 */
+#define COMPACT_ROW_ROOM 1024	/* room for one row, snapshot included */
+
+static SPIPlanPtr plan_compact_rows = NULL;
+static SPIPlanPtr plan_compact_beyond = NULL;
+static SPIPlanPtr plan_compact_lock = NULL;
+static SPIPlanPtr plan_compact_move = NULL;
+static BlockNumber compact_clean_at = InvalidBlockNumber;	/* see below */
+static TimestampTz compact_clean_time = 0;
+
+/*
+ * compact_room returns the first page below `zone` with room for a moved
+ * row after pruning, or InvalidBlockNumber.  The fillfactor's reserve
+ * counts as taken: the insert leaves it free.
+ */
+static BlockNumber
+compact_room(Relation rel, BlockNumber zone)
+{
+	Size		needed = RelationGetTargetPageFreeSpace(rel, HEAP_DEFAULT_FILLFACTOR) +
+		COMPACT_ROW_ROOM;
+	BlockNumber blk;
+
+	for (blk = 0; blk < zone; blk++)
+	{
+		Buffer		buf;
+		Size		free;
+
+		CHECK_FOR_INTERRUPTS();
+		buf = ReadBuffer(rel, blk);
+		heap_page_prune_opt(rel, buf);
+		LockBuffer(buf, BUFFER_LOCK_SHARE);
+		free = PageGetHeapFreeSpace(BufferGetPage(buf));
+		UnlockReleaseBuffer(buf);
+		if (free >= needed)
+			return blk;
+	}
+	return InvalidBlockNumber;
+}
+
+/*
+ * EventboxCompactCursors moves cursor rows that lie beyond the pages the
+ * rows need back into those pages (see above).  Runs in the worker, in
+ * its transaction and SPI connection.
+ */
+void
+EventboxCompactCursors(void)
+{
+	Oid			nsp = get_namespace_oid("eventbox", true);
+	Oid			relid = OidIsValid(nsp) ? get_relname_relid("cursors", nsp) : InvalidOid;
+	Relation	rel;
+	BlockNumber nblocks;
+	BlockNumber zone;
+	BlockNumber room;
+	ItemPointerData from;
+	ItemPointerData *tids;
+	Datum		arg;
+	bool		isnull;
+	uint64		i;
+	uint64		n;
+
+	if (!OidIsValid(relid))
+		return;
+	rel = table_open(relid, RowExclusiveLock);
+	nblocks = RelationGetNumberOfBlocks(rel);
+
+	/*
+	 * Once a look found no row beyond the zone, the next one waits until
+	 * the table's length changed (it grew, or VACUUM truncated it), or a
+	 * minute: looking reads every page beyond the zone.
+	 */
+	if (nblocks <= COMPACT_SLACK_PAGES ||
+		(nblocks == compact_clean_at &&
+		 !TimestampDifferenceExceeds(compact_clean_time, GetCurrentTimestamp(), 60000)))
+	{
+		table_close(rel, NoLock);
+		return;
+	}
+
+	if (plan_compact_rows == NULL)
+	{
+		Oid			t_tid[1] = {TIDOID};
+
+		plan_compact_rows = EventboxPreparePlan(
+												"SELECT pg_catalog.sum(lanes) FROM eventbox.subscriptions",
+												0, NULL);
+		plan_compact_beyond = EventboxPreparePlan(
+												  "SELECT ctid FROM eventbox.cursors WHERE ctid >= $1",
+												  1, t_tid);
+		plan_compact_lock = EventboxPreparePlan(
+												"SELECT FROM eventbox.cursors WHERE ctid = $1"
+												" FOR UPDATE SKIP LOCKED",
+												1, t_tid);
+		plan_compact_move = EventboxPreparePlan(
+												"WITH d AS (DELETE FROM eventbox.cursors WHERE ctid = $1 RETURNING *)"
+												" INSERT INTO eventbox.cursors SELECT * FROM d"
+												" RETURNING sub_id, lane, ctid",
+												1, t_tid);
+	}
+	EventboxExecPlan(plan_compact_rows, NULL, NULL, SPI_OK_SELECT, "cursor count");
+	zone = COMPACT_SLACK_PAGES;
+	{
+		Datum		lanes = consume_col(0, 1, &isnull);
+
+		if (!isnull)
+			zone += (BlockNumber) (DatumGetInt64(lanes) / COMPACT_ROWS_PER_PAGE);
+	}
+	if (nblocks <= zone)
+	{
+		table_close(rel, NoLock);
+		return;
+	}
+	room = compact_room(rel, zone);
+	if (room == InvalidBlockNumber)
+	{
+		table_close(rel, NoLock);
+		return;
+	}
+
+	/* the rows beyond the zone */
+	ItemPointerSet(&from, zone, 0);
+	arg = PointerGetDatum(&from);
+	EventboxExecPlan(plan_compact_beyond, &arg, NULL, SPI_OK_SELECT, "cursor compaction scan");
+	n = SPI_processed;
+	if (n == 0)
+	{
+		compact_clean_at = nblocks;
+		compact_clean_time = GetCurrentTimestamp();
+		table_close(rel, NoLock);
+		return;
+	}
+	tids = palloc(sizeof(ItemPointerData) * n);
+	for (i = 0; i < n; i++)
+		ItemPointerCopy((ItemPointer) DatumGetPointer(consume_col(i, 1, &isnull)), &tids[i]);
+
+	for (i = 0; i < n; i++)
+	{
+		CursorEntry *entry;
+		ItemPointer newtid;
+
+		CHECK_FOR_INTERRUPTS();
+		arg = PointerGetDatum(&tids[i]);
+
+		/* a row a claim holds (or moved meanwhile) waits for the next look */
+		EventboxExecPlan(plan_compact_lock, &arg, NULL, SPI_OK_SELECT, "cursor compaction lock");
+		if (SPI_processed != 1)
+			continue;
+
+		/* the insert goes to that page if it has room, else wherever */
+		RelationSetTargetBlock(rel, room);
+		EventboxExecPlan(plan_compact_move, &arg, NULL, SPI_OK_INSERT_RETURNING,
+						 "cursor compaction move");
+		if (SPI_processed != 1)
+			elog(ERROR, "eventbox: the locked cursor row %u,%u is gone",
+				 ItemPointerGetBlockNumber(&tids[i]), ItemPointerGetOffsetNumber(&tids[i]));
+		newtid = (ItemPointer) DatumGetPointer(consume_col(0, 3, &isnull));
+		entry = cursor_find(DatumGetInt32(consume_col(0, 1, &isnull)),
+							DatumGetInt32(consume_col(0, 2, &isnull)), false);
+		if (entry != NULL)
+		{
+			CursorHeld *h = cursor_held(entry);
+
+			ItemPointerCopy(newtid, &entry->tid);
+			if (h->held)
+				cursor_hold(entry, &h->pos, h->unwritten, newtid, h->dirty);
+		}
+	}
+	pfree(tids);
+	table_close(rel, NoLock);
 }
 
 /*

@@ -121,6 +121,7 @@ extern void EventboxClaimPush(text *name, int n, Tuplestorestate *out, TupleDesc
 extern void EventboxWriteHeld(bool release);
 extern bool EventboxHeldDirty(void);
 extern void EventboxForgetHeld(void);
+extern void EventboxCompactCursors(void);
 
 /* deliver.c */
 extern TimestampTz EventboxDeliver(int batch, uint64 *forwarded);

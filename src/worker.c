@@ -61,6 +61,7 @@ typedef enum WorkerCycle
 {
 	CYCLE_DELIVER,				/* forward events, run the timers */
 	CYCLE_ROTATE,				/* write back held cursors, rotate the log */
+	CYCLE_COMPACT,				/* move cursor rows back to the table's start */
 	CYCLE_WRITE_BACK			/* write back held cursors and let go */
 } WorkerCycle;
 
@@ -242,9 +243,10 @@ worker_reset_push_once(void)
 }
 
 /*
- * worker_cycle runs one delivery cycle, one log rotation step or one
- * write-back of held cursors (see WorkerCycle) in its own transaction.  Returns false if it failed (the
- * transaction was rolled back); *installed tells whether the extension
+ * worker_cycle runs one delivery cycle, one log rotation step, one cursor
+ * compaction or one write-back of held cursors (see WorkerCycle) in its
+ * own transaction.  Returns false if it failed (the transaction was
+ * rolled back); *installed tells whether the extension
  * exists; *next_due is when a retry, a delayed event or a lease expiry
  * comes due next (0 if none).
  */
@@ -285,6 +287,11 @@ worker_cycle(WorkerCycle kind, bool *installed, TimestampTz *next_due,
 			{
 				pgstat_report_activity(STATE_RUNNING, "writing back push_once cursors");
 				EventboxWriteHeld(true);
+			}
+			else if (kind == CYCLE_COMPACT)
+			{
+				pgstat_report_activity(STATE_RUNNING, "compacting cursors");
+				EventboxCompactCursors();
 			}
 			else if (kind == CYCLE_ROTATE)
 			{
@@ -451,6 +458,7 @@ EventboxWorkerMain(Datum main_arg)
 	int			failures = 0;
 	bool		served = false;
 	TimestampTz last_rotation = 0;
+	int			compact_failures = 0;
 	TimestampTz cycle_started = 0;
 	bool		backlog = false;
 	bool		pacing = false;
@@ -579,6 +587,23 @@ EventboxWorkerMain(Datum main_arg)
 			MemoryContextSwitchTo(old);
 			MemoryContextReset(cyclectx);
 			last_rotation = GetCurrentTimestamp();
+
+			/*
+			 * Then, in a transaction of its own, the cursor compaction
+			 * (EventboxCompactCursors).  It is housekeeping: when it fails,
+			 * it says so once and does not slow delivery down.
+			 */
+			if (ok && installed)
+			{
+				old = MemoryContextSwitchTo(cyclectx);
+				if (worker_cycle(CYCLE_COMPACT, &installed, &ignored, &forwarded,
+								 compact_failures))
+					compact_failures = 0;
+				else
+					compact_failures++;
+				MemoryContextSwitchTo(old);
+				MemoryContextReset(cyclectx);
+			}
 		}
 
 		/* alter_subscription waits for the push_once positions */
