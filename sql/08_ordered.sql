@@ -84,6 +84,25 @@ SELECT count(*) FROM eventbox.claim_batch(10, 't08');
 SELECT status, id - :base3 AS id FROM eventbox.outbox('pending', 100, 't08') ORDER BY id;
 SELECT status, id - :base3 AS id FROM eventbox.outbox('retrying', 100, 't08') ORDER BY id;
 
+-- an event of A published with deliver_at ahead holds A's later events
+-- back until it is due (nothing may overtake it), while B flows; then
+-- it comes first, the others after it
+SELECT test.last_id() AS base4 \gset
+SELECT eventbox.publish('t08.e', '{"seq": 20}', 'acct', 'C') - :base4 AS id;
+SELECT id - :base4 AS id FROM eventbox.claim_batch(10, 't08');
+SELECT eventbox.ack(:base4 + 1, 't08');
+SELECT eventbox.publish('t08.e', '{"seq": 21}', 'acct', 'C',
+						deliver_at => clock_timestamp() + interval '1 second') - :base4 AS id;
+SELECT eventbox.publish('t08.e', '{"seq": 22}', 'acct', 'C') - :base4 AS id;
+SELECT eventbox.publish('t08.e', '{"seq": 6}', 'acct', 'B') - :base4 AS id;
+SELECT aggregate_id, payload->>'seq' AS seq FROM eventbox.claim_batch(10, 't08');
+SELECT eventbox.ack(:base4 + 4, 't08');
+SELECT count(*) FROM eventbox.claim_batch(10, 't08');
+SELECT pg_sleep(1.1);
+SELECT payload->>'seq' AS seq, attempt FROM eventbox.claim_batch(10, 't08');
+SELECT eventbox.ack(ARRAY[:base4 + 2, :base4 + 3]::bigint[], 't08');
+SELECT count(*) FROM eventbox.claim_batch(10, 't08');
+
 SELECT eventbox.unsubscribe('t08');
 
 -- events without an aggregate are spread over lanes by id and flow freely

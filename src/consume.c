@@ -40,6 +40,7 @@
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
+#include "nodes/params.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
@@ -117,7 +118,7 @@ enum
 /* Filters shared by the window queries; $5 regex, $6 lanes, $7 lane. */
 #define WINDOW_FILTER \
 	" AND pg_catalog.pg_visible_in_snapshot(txid, $4)" \
-	" AND ($5::text IS NULL OR event_type OPERATOR(pg_catalog.~) $5)" \
+	" AND ($5::text IS NULL OR eventbox._type_matches(event_type, $5))" \
 	" AND ($6 = 1 OR eventbox._lane(aggregate_type, aggregate_id, id, $6) = $7)" \
 	" ORDER BY txid, id LIMIT $8"
 
@@ -337,25 +338,19 @@ consume_sub(text *name, MemoryContext ctx)
 }
 
 /*
- * claim_emit appends one delivery to the result and the event to the
- * lane's batch.  row is a row of the current SPI result in LOG_COLUMNS
+ * claim_emit_values appends one delivery to the result and the event to
+ * the lane's batch.  row_values and row_nulls hold a log row in LOG_COLUMNS
  * order.
  */
 static void
-claim_emit(ClaimState *st, int row, int attempt)
+claim_emit_values(ClaimState *st, Datum *row_values, bool *row_nulls, int attempt)
 {
-	Datum		row_values[LC_DELIVER];
-	bool		row_nulls[LC_DELIVER];
 	Datum		values[12];
 	bool		nulls[12];
-	int			cols[8] = {LC_ID, LC_EVENT_ID, LC_TYPE, LC_ATYPE, LC_AID,
+	static const int cols[8] = {LC_ID, LC_EVENT_ID, LC_TYPE, LC_ATYPE, LC_AID,
 	LC_PAYLOAD, LC_HEADERS, LC_OCCURRED};
 	int			i;
 
-	/* one pass over the row: most columns follow variable-length ones */
-	Assert(SPI_tuptable->tupdesc->natts == LC_DELIVER);
-	heap_deform_tuple(SPI_tuptable->vals[row], SPI_tuptable->tupdesc,
-					  row_values, row_nulls);
 	for (i = 0; i < 8; i++)
 	{
 		values[i] = row_values[cols[i] - 1];
@@ -373,6 +368,22 @@ claim_emit(ClaimState *st, int row, int attempt)
 
 	st->ids[st->nids++] = DatumGetInt64(values[0]);
 	st->want--;
+}
+
+/*
+ * claim_emit is claim_emit_values for row `row` of the current SPI result.
+ */
+static void
+claim_emit(ClaimState *st, int row, int attempt)
+{
+	Datum		row_values[LC_DELIVER];
+	bool		row_nulls[LC_DELIVER];
+
+	/* one pass over the row: most columns follow variable-length ones */
+	Assert(SPI_tuptable->tupdesc->natts == LC_DELIVER);
+	heap_deform_tuple(SPI_tuptable->vals[row], SPI_tuptable->tupdesc,
+					  row_values, row_nulls);
+	claim_emit_values(st, row_values, row_nulls, attempt);
 }
 
 /*
@@ -583,56 +594,156 @@ claim_retries_lane(ClaimState *st, int lane)
 }
 
 /*
- * claim_window scans one query of the current window (plan_xip or
- * plan_band) for up to `limit` events after the position, emitting them
- * and moving the position.  An event whose deliver_at lies ahead becomes a
- * delayed retry instead; in an ordered lane it also stops the lane, since
- * nothing behind it may overtake it.  Returns the number of rows the query
- * returned; *stopped tells whether the lane was stopped.
+ * A window scan's rows go from the executor straight to the claim's result
+ * through this receiver, instead of being copied into an SPI tuple table
+ * first: that copy was as costly as the result's own.  Events whose
+ * deliver_at lies ahead are only noted here (no statement can run while the
+ * scan's executor does); claim_window turns them into delayed retries.
+ */
+typedef struct WindowScan
+{
+	DestReceiver pub;
+	ClaimState *st;
+	Datum		pos_txid;		/* the last row received */
+	Datum		pos_id;
+	int			rows;			/* rows received */
+	bool		stopped;		/* an ordered lane met a delayed event */
+	int			ndelayed;
+	int			maxdelayed;
+	Datum	   *delayed;		/* (id, txid, deliver_at) of each */
+} WindowScan;
+
+/* an int8, xid8 or timestamptz that outlives the scan */
+static inline Datum
+consume_keep8(Datum value, MemoryContext ctx)
+{
+#ifdef USE_FLOAT8_BYVAL
+	return value;
+#else
+	MemoryContext old = MemoryContextSwitchTo(ctx);
+	Datum		copy = datumCopy(value, false, 8);
+
+	MemoryContextSwitchTo(old);
+	return copy;
+#endif
+}
+
+static bool
+window_scan_receive(TupleTableSlot *slot, DestReceiver *self)
+{
+	WindowScan *ws = (WindowScan *) self;
+	ClaimState *st = ws->st;
+	Datum	   *values;
+	bool	   *nulls;
+
+	slot_getallattrs(slot);
+	values = slot->tts_values;
+	nulls = slot->tts_isnull;
+	ws->rows++;
+	ws->pos_txid = consume_keep8(values[LC_TXID - 1], st->ctx);
+	ws->pos_id = consume_keep8(values[LC_ID - 1], st->ctx);
+
+	if (!nulls[LC_DELIVER - 1] &&
+		DatumGetTimestampTz(values[LC_DELIVER - 1]) > st->now)
+	{
+		if (ws->ndelayed == ws->maxdelayed)
+		{
+			ws->maxdelayed = Max(16, ws->maxdelayed * 2);
+			ws->delayed = ws->delayed == NULL
+				? MemoryContextAlloc(st->ctx, sizeof(Datum) * 3 * ws->maxdelayed)
+				: repalloc(ws->delayed, sizeof(Datum) * 3 * ws->maxdelayed);
+		}
+		ws->delayed[ws->ndelayed * 3] = ws->pos_id;
+		ws->delayed[ws->ndelayed * 3 + 1] = ws->pos_txid;
+		ws->delayed[ws->ndelayed * 3 + 2] =
+			consume_keep8(values[LC_DELIVER - 1], st->ctx);
+		ws->ndelayed++;
+		/* in an ordered lane nothing behind it may overtake it */
+		if (st->sub->ordered)
+		{
+			ws->stopped = true;
+			return false;
+		}
+		return true;
+	}
+	claim_emit_values(st, values, nulls, 1);
+	return true;
+}
+
+static void
+window_scan_startup(DestReceiver *self, int operation, TupleDesc typeinfo)
+{
+	Assert(typeinfo->natts == LC_DELIVER);
+}
+
+static void
+window_scan_noop(DestReceiver *self)
+{
+}
+
+/*
+ * claim_window scans one query of the current window (plan_xip, plan_band
+ * or plan_idscan) for up to `limit` events after the position, emitting
+ * them and moving the position.  An event whose deliver_at lies ahead
+ * becomes a delayed retry instead; in an ordered lane it also stops the
+ * lane.  Returns the number of rows the query returned; *stopped tells
+ * whether the lane was stopped.
  */
 static int
 claim_window(ClaimState *st, SPIPlanPtr plan, Datum *args, int lane,
 			 Datum *pos_txid, Datum *pos_id, bool *stopped)
 {
-	int			n;
+	WindowScan	ws;
+	SPIExecuteOptions options;
+	int			nargs = SPI_getargcount(plan);
+	int			rc;
 	int			i;
 
-	/* $5, the type filter, may be null; plan_xip has nine parameters */
-	EventboxExecPlan(plan, args, st->sub->type_regex ? NULL : "    n    ",
-					 SPI_OK_SELECT, "window scan");
-	n = (int) SPI_processed;
-	for (i = 0; i < n; i++)
+	memset(&ws, 0, sizeof(ws));
+	ws.pub.receiveSlot = window_scan_receive;
+	ws.pub.rStartup = window_scan_startup;
+	ws.pub.rShutdown = window_scan_noop;
+	ws.pub.rDestroy = window_scan_noop;
+	ws.pub.mydest = DestTuplestore;
+	ws.st = st;
+	ws.pos_txid = *pos_txid;
+	ws.pos_id = *pos_id;
+
+	memset(&options, 0, sizeof(options));
+	options.params = makeParamList(nargs);
+	for (i = 0; i < nargs; i++)
 	{
-		bool		isnull;
-		Datum		deliver_at = consume_col(i, LC_DELIVER, &isnull);
+		ParamExternData *prm = &options.params->params[i];
 
-		*pos_txid = consume_col(i, LC_TXID, &isnull);
-		*pos_id = consume_col(i, LC_ID, &isnull);
-
-		if (!isnull && DatumGetTimestampTz(deliver_at) > st->now)
-		{
-			Datum		dvalues[5];
-			SPITupleTable *saved = SPI_tuptable;
-			uint64		saved_n = SPI_processed;
-
-			dvalues[0] = Int32GetDatum(st->sub->sub_id);
-			dvalues[1] = *pos_id;
-			dvalues[2] = *pos_txid;
-			dvalues[3] = Int32GetDatum(lane);
-			dvalues[4] = deliver_at;
-			EventboxExecPlan(plan_delay, dvalues, NULL, SPI_OK_INSERT, "delayed event");
-			SPI_tuptable = saved;
-			SPI_processed = saved_n;
-			if (st->sub->ordered)
-			{
-				*stopped = true;
-				return n;
-			}
-			continue;
-		}
-		claim_emit(st, i, 1);
+		prm->value = args[i];
+		/* $5, the type filter, is null when every type matches */
+		prm->isnull = (i == 4 && st->sub->type_regex == (Datum) 0);
+		prm->pflags = PARAM_FLAG_CONST;
+		prm->ptype = SPI_getargtypeid(plan, i);
 	}
-	return n;
+	options.dest = &ws.pub;
+
+	rc = SPI_execute_plan_extended(plan, &options);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "eventbox: window scan failed: %s", SPI_result_code_string(rc));
+
+	for (i = 0; i < ws.ndelayed; i++)
+	{
+		Datum		dvalues[5];
+
+		dvalues[0] = Int32GetDatum(st->sub->sub_id);
+		dvalues[1] = ws.delayed[i * 3];
+		dvalues[2] = ws.delayed[i * 3 + 1];
+		dvalues[3] = Int32GetDatum(lane);
+		dvalues[4] = ws.delayed[i * 3 + 2];
+		EventboxExecPlan(plan_delay, dvalues, NULL, SPI_OK_INSERT, "delayed event");
+	}
+
+	*pos_txid = ws.pos_txid;
+	*pos_id = ws.pos_id;
+	if (ws.stopped)
+		*stopped = true;
+	return ws.rows;
 }
 
 /*
@@ -1103,7 +1214,7 @@ consume_prepare_claim_plans(void)
 									  "      OR (txid >= pg_catalog.pg_snapshot_xmax($1)"
 									  "          AND txid < pg_catalog.pg_snapshot_xmax($4)))"
 									  " AND pg_catalog.pg_visible_in_snapshot(txid, $4)"
-									  " AND ($5::text IS NULL OR event_type OPERATOR(pg_catalog.~) $5)"
+									  " AND ($5::text IS NULL OR eventbox._type_matches(event_type, $5))"
 									  " AND ($6 = 1 OR eventbox._lane(aggregate_type, aggregate_id, id, $6) = $7)"
 									  " ORDER BY id LIMIT $8",
 									  8, t_window);

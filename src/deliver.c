@@ -135,7 +135,7 @@ deliver_prepare_plans(void)
 										 "                    AND pg_visible_in_snapshot(l.txid, c.target)"
 										 "                    AND CASE WHEN s.lanes > 1 THEN l.id <= c.pos_id"
 										 "                        ELSE (l.txid, l.id) <= (c.pos_txid, c.pos_id) END)"
-										 "           AND (s.type_regex IS NULL OR l.event_type ~ s.type_regex)"
+										 "           AND (s.type_regex IS NULL OR eventbox._type_matches(l.event_type, s.type_regex))"
 										 "           AND (s.lanes = 1 OR eventbox._lane(l.aggregate_type,"
 										 "                l.aggregate_id, l.id, s.lanes) = c.lane)"
 										 "           AND (l.deliver_at IS NULL OR l.deliver_at <= $1)"
