@@ -1979,8 +1979,9 @@ claim_results_released(void *arg)
 }
 
 /*
- * claim_init_result sets claim_batch's result up, as InitMaterializedSRF
- * would, but with the tuplestore in claim_results_cxt.
+ * claim_init_result sets claim_batch's result up with InitMaterializedSRF
+ * (its checks of the calling context, the result's descriptor), then puts
+ * the tuplestore in claim_results_cxt instead of the per-query memory.
  */
 static void
 claim_init_result(FunctionCallInfo fcinfo)
@@ -1990,14 +1991,8 @@ claim_init_result(FunctionCallInfo fcinfo)
 	MemoryContextCallback *cb;
 	MemoryContext old;
 
-	if (rsinfo == NULL || !IsA(rsinfo, ReturnSetInfo))
-		ereport(ERROR,
-				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-				 errmsg("set-valued function called in context that cannot accept a set")));
-	if (!(rsinfo->allowedModes & SFRM_Materialize) || rsinfo->expectedDesc == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-				 errmsg("materialize mode required, but it is not allowed in this context")));
+	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
+	tuplestore_end(rsinfo->setResult);
 
 	if (claim_results_cxt == NULL)
 		claim_results_cxt = AllocSetContextCreate(TopMemoryContext,
@@ -2014,14 +2009,11 @@ claim_init_result(FunctionCallInfo fcinfo)
 	MemoryContextRegisterResetCallback(per_query, cb);
 	claim_results_live++;
 
-	old = MemoryContextSwitchTo(per_query);
-	rsinfo->setDesc = CreateTupleDescCopy(rsinfo->expectedDesc);
-	MemoryContextSwitchTo(claim_results_cxt);
+	old = MemoryContextSwitchTo(claim_results_cxt);
 	rsinfo->setResult =
 		tuplestore_begin_heap((rsinfo->allowedModes & SFRM_Materialize_Random) != 0,
 							  false, work_mem);
 	MemoryContextSwitchTo(old);
-	rsinfo->returnMode = SFRM_Materialize;
 }
 
 /*
