@@ -23,6 +23,9 @@
 #include "postgres.h"
 
 #include <signal.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 
 #include "access/xact.h"
 #include "storage/procarray.h"
@@ -524,6 +527,21 @@ EventboxWorkerMain(Datum main_arg)
 
 	cyclectx = AllocSetContextCreate(TopMemoryContext, "eventbox worker cycle",
 									 ALLOCSET_DEFAULT_SIZES);
+
+#ifdef __GLIBC__
+
+	/*
+	 * Keep freed memory for the next cycle instead of giving it back to the
+	 * kernel.  Each cycle's transaction frees what it allocated (SPI and
+	 * executor state, notification texts); with glibc's defaults the top
+	 * of the heap was trimmed at every commit and the next cycle faulted
+	 * its pages in again, about a fifth of the worker's time when
+	 * forwarding batches.  The worker's footprint stays at its largest
+	 * cycle, plus at most M_TRIM_THRESHOLD of free memory.
+	 */
+	mallopt(M_MMAP_THRESHOLD, 8 * 1024 * 1024);
+	mallopt(M_TRIM_THRESHOLD, 32 * 1024 * 1024);
+#endif
 
 	while (!ShutdownRequestPending)
 	{
