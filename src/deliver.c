@@ -31,6 +31,7 @@
 #include "executor/tuptable.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
+#include "utils/datetime.h"
 #include "utils/json.h"
 #include "utils/memutils.h"
 #include "utils/jsonb.h"
@@ -174,13 +175,95 @@ typedef struct DeliverRow
 	TupleDesc	desc;
 } DeliverRow;
 
+/*
+ * dm_string appends len bytes of s as a JSON string, escaped as
+ * escape_json escapes (the text jsonb gives), but copying each run of
+ * characters that need no escape at once: escape_json appends character by
+ * character, and a notification is mostly such runs.
+ */
+static void
+dm_string(StringInfo buf, const char *s, int len)
+{
+	const char *end = s + len;
+	const char *run = s;
+
+	appendStringInfoChar(buf, '"');
+	for (; s < end; s++)
+	{
+		unsigned char c = (unsigned char) *s;
+		const char *esc;
+
+		if (c >= 0x20 && c != '"' && c != '\\')
+			continue;
+		if (s > run)
+			appendBinaryStringInfo(buf, run, s - run);
+		run = s + 1;
+		switch (c)
+		{
+			case '\b':
+				esc = "\\b";
+				break;
+			case '\f':
+				esc = "\\f";
+				break;
+			case '\n':
+				esc = "\\n";
+				break;
+			case '\r':
+				esc = "\\r";
+				break;
+			case '\t':
+				esc = "\\t";
+				break;
+			case '"':
+				esc = "\\\"";
+				break;
+			case '\\':
+				esc = "\\\\";
+				break;
+			default:
+				appendStringInfo(buf, "\\u%04x", c);
+				continue;
+		}
+		appendBinaryStringInfo(buf, esc, 2);
+	}
+	if (s > run)
+		appendBinaryStringInfo(buf, run, s - run);
+	appendStringInfoChar(buf, '"');
+}
+
+/* keys are our own constants, which need no escaping */
 static void
 dm_key(StringInfo buf, const char *key)
 {
 	if (buf->len > 1)
 		appendBinaryStringInfo(buf, ", ", 2);
-	escape_json(buf, key);
-	appendBinaryStringInfo(buf, ": ", 2);
+	appendStringInfoChar(buf, '"');
+	appendBinaryStringInfo(buf, key, strlen(key));
+	appendBinaryStringInfo(buf, "\": ", 3);
+}
+
+/* a uuid as uuid_out writes it, quoted */
+static void
+dm_uuid(StringInfo buf, const pg_uuid_t *uuid)
+{
+	static const char hex[] = "0123456789abcdef";
+	char	   *p;
+	int			i;
+
+	enlargeStringInfo(buf, 2 * UUID_LEN + 6);
+	p = buf->data + buf->len;
+	*p++ = '"';
+	for (i = 0; i < UUID_LEN; i++)
+	{
+		if (i == 4 || i == 6 || i == 8 || i == 10)
+			*p++ = '-';
+		*p++ = hex[uuid->data[i] >> 4];
+		*p++ = hex[uuid->data[i] & 0x0F];
+	}
+	*p++ = '"';
+	*p = '\0';
+	buf->len = p - buf->data;
 }
 
 /* a column of the delivery row as the jsonb value of its SQL value */
@@ -188,29 +271,39 @@ static void
 dm_column(StringInfo buf, const char *key, DeliverRow *row, int col)
 {
 	Datum		value = row->values[col - 1];
+	char		num[MAXINT8LEN + 1];
 
 	dm_key(buf, key);
 	if (row->nulls[col - 1])
 	{
-		appendStringInfoString(buf, "null");
+		appendBinaryStringInfo(buf, "null", 4);
 		return;
 	}
 	switch (TupleDescAttr(row->desc, col - 1)->atttypid)
 	{
 		case TEXTOID:
-			escape_json(buf, TextDatumGetCString(value));
-			break;
+			{
+				text	   *t = DatumGetTextPP(value);
+
+				dm_string(buf, VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t));
+				break;
+			}
 		case UUIDOID:
-			escape_json(buf, DatumGetCString(DirectFunctionCall1(uuid_out, value)));
+			dm_uuid(buf, DatumGetUUIDP(value));
 			break;
 		case TIMESTAMPTZOID:
-			escape_json(buf, JsonEncodeDateTime(NULL, value, TIMESTAMPTZOID, NULL));
-			break;
+			{
+				char		ts[MAXDATELEN + 1];
+
+				JsonEncodeDateTime(ts, value, TIMESTAMPTZOID, NULL);
+				dm_string(buf, ts, strlen(ts));
+				break;
+			}
 		case INT8OID:
-			appendStringInfo(buf, INT64_FORMAT, DatumGetInt64(value));
+			appendBinaryStringInfo(buf, num, pg_lltoa(DatumGetInt64(value), num));
 			break;
 		case INT4OID:
-			appendStringInfo(buf, "%d", DatumGetInt32(value));
+			appendBinaryStringInfo(buf, num, pg_ltoa(DatumGetInt32(value), num));
 			break;
 		case JSONBOID:
 			{

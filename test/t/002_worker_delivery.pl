@@ -142,6 +142,30 @@ FROM eventbox.event($id) e}),
 		1, 'notified once');
 }
 
+# The worker writes notification texts itself; they must be exactly what
+# jsonb_build_object(...)::text gives, also for characters JSON escapes.
+my $odd_id = $node->safe_psql('postgres', q{
+SELECT eventbox.publish('order.odd', '{"k": "a\"b\\\\c\nd\te\u0001f é ✓"}',
+	E'ty\\\\pe "x"', E'id \"q\" \\\\ \n\t\x01\x1f é ✓ /', '{"h": "\u007f"}')});
+$all->wait_for(sub { grep { ($_->{msg}{id} // 0) == $odd_id } @_ },
+	'event with escaped characters notified');
+my ($odd) = grep { ($_->{msg}{id} // 0) == $odd_id } $all->messages;
+SKIP:
+{
+	skip 'event not delivered', 1 unless $odd;
+	my $n = $odd->{payload};
+	$n =~ s/'/''/g;
+	is( $node->safe_psql(
+			'postgres', qq{
+SELECT jsonb_build_object('id', e.id, 'attempt', 1, 'headers', e.headers,
+	'payload', e.payload, 'event_id', e.event_id, 'event_type', e.event_type,
+	'occurred_at', e.occurred_at, 'aggregate_id', e.aggregate_id,
+	'subscription', 'default', 'aggregate_type', e.aggregate_type)::text = '$n'
+FROM eventbox.event($odd_id) e}),
+		't',
+		'notification text is jsonb_build_object(...)::text of the event, escapes included');
+}
+
 # ---------------------------------------------------------------------------
 # Rolled-back transactions and savepoints send nothing (G1)
 # ---------------------------------------------------------------------------
