@@ -164,7 +164,7 @@ _PG_init(void)
 
 	DefineCustomIntVariable("eventbox.cycle_delay",
 							"Sets the shortest time between the starts of two delivery cycles while events arrive faster than one per this time, in microseconds.",
-							"The commits that arrive in the meantime are forwarded together, which costs the worker far less CPU under a fast stream of small commits; slower streams are forwarded at once. 0 turns pacing off.",
+							"The commits that arrive in the meantime are forwarded together, which costs the worker far less CPU under a fast stream of small commits; the time grows with the rate, up to four times this setting. Slower streams are forwarded at once. 0 turns pacing off.",
 							&eventbox_cycle_delay,
 							500,
 							0,
