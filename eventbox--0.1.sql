@@ -89,12 +89,14 @@ CREATE INDEX log_dedupe_idx ON eventbox.log (dedupe_key)
 CREATE INDEX log_deliver_at_idx ON eventbox.log (deliver_at)
 	WHERE deliver_at IS NOT NULL;
 
--- Which partition publishers write to, and when it became current.
+-- Which partition publishers write to, and when it became current.  Every
+-- publish reads this row, so it is written only when the current partition
+-- changes: under a long transaction that holds the xmin horizon each
+-- version stays, and publishers walk them all.
 CREATE TABLE eventbox.rotation (
 	one				boolean PRIMARY KEY DEFAULT true CHECK (one),
 	cur				smallint NOT NULL DEFAULT 0 CHECK (cur BETWEEN 0 AND 2),
-	switched_at		timestamptz NOT NULL DEFAULT pg_catalog.now(),
-	checked_at		timestamptz NOT NULL DEFAULT pg_catalog.now()
+	switched_at		timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 INSERT INTO eventbox.rotation DEFAULT VALUES;
 
@@ -1249,11 +1251,8 @@ BEGIN
 	nxt := (r.cur + 1) % 3;
 	IF r.switched_at <= clock_timestamp() - period
 	   AND NOT EXISTS (SELECT FROM eventbox.log l WHERE l.part = nxt) THEN
-		UPDATE eventbox.rotation SET cur = nxt, switched_at = clock_timestamp(),
-									 checked_at = clock_timestamp();
+		UPDATE eventbox.rotation SET cur = nxt, switched_at = clock_timestamp();
 		done := done || ' current log_' || nxt;
-	ELSE
-		UPDATE eventbox.rotation SET checked_at = clock_timestamp();
 	END IF;
 	RETURN ltrim(done);
 END

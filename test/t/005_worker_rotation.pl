@@ -131,5 +131,16 @@ ok($node->wait_for_log(qr/eventbox worker cycle succeeded again after \d+ failed
 	'the recovery is logged');
 $node->safe_psql('postgres', "SELECT eventbox.unsubscribe('failpush')");
 
+# --- rounds that change nothing leave the rotation row alone -------------------
+# Every publish reads that row; a version per round would pile up under a
+# long transaction.  With a period of an hour no round switches.
+$node->safe_psql('postgres',
+	"ALTER SYSTEM SET eventbox.rotation_period = '1h'; SELECT pg_reload_conf();");
+sleep 2;    # a round may still switch under the old period
+my $before = $node->safe_psql('postgres', 'SELECT ctid, xmin FROM eventbox.rotation');
+sleep 3;    # three or more rounds
+is($node->safe_psql('postgres', 'SELECT ctid, xmin FROM eventbox.rotation'),
+	$before, 'rotation rounds that switch nothing do not write the rotation row');
+
 $node->stop;
 done_testing();
