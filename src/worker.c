@@ -458,8 +458,8 @@ EventboxRequestWriteBack(void)
  * `events` forwarded in `elapsed` microseconds, or 0 when the stream is not
  * faster than one event per eventbox.cycle_delay.  The interval is
  * cycle_delay times the events that arrive per cycle_delay, capped at
- * PACE_MAX_FACTOR: at the default of 500 microseconds: 0.5 ms at 2,000 events/s, 1 ms
- * at 4,000, 2 ms from 8,000 on.
+ * PACE_MAX_FACTOR.  At the default cycle_delay of 500 microseconds that is
+ * 0.5 ms at 2,000 events/s, 1 ms at 4,000 and 2 ms from 8,000 on.
  */
 static int64
 worker_pace(uint64 events, int64 elapsed)

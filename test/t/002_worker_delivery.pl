@@ -75,13 +75,22 @@ sub quiet_for
 # finished every cycle that could have carried the earlier events.
 my $sentinels = 0;
 
+# Wait until listener $l has a notification of event $id (test name
+# $what) and return the first one, or undef when it never came.
+sub wait_notified
+{
+	my ($l, $id, $what) = @_;
+	$l->wait_for(sub { grep { ($_->{msg}{id} // 0) == $id } @_ }, $what);
+	my ($m) = grep { ($_->{msg}{id} // 0) == $id } $l->messages;
+	return $m;
+}
+
 sub sync_default
 {
 	my ($l) = @_;
 	my $id = $node->safe_psql('postgres',
 		"SELECT eventbox.publish('test.sentinel', '{\"n\": " . ++$sentinels . "}')");
-	$l->wait_for(sub { grep { ($_->{msg}{id} // 0) == $id } @_ },
-		"sentinel $id delivered");
+	wait_notified($l, $id, "sentinel $id delivered");
 	return;
 }
 
@@ -106,9 +115,7 @@ ok(quiet_for($all, 1, sub { 1 }),
 $tx->query_safe('COMMIT');
 $tx->quit;
 
-$all->wait_for(sub { grep { ($_->{msg}{id} // 0) == $id } @_ },
-	'event notified after commit');
-my ($m) = grep { ($_->{msg}{id} // 0) == $id } $all->messages;
+my $m = wait_notified($all, $id, 'event notified after commit');
 SKIP:
 {
 	skip 'event not delivered', 12 unless $m;
@@ -147,9 +154,7 @@ FROM eventbox.event($id) e}),
 my $odd_id = $node->safe_psql('postgres', q{
 SELECT eventbox.publish('order.odd', '{"k": "a\"b\\\\c\nd\te\u0001f é ✓"}',
 	E'ty\\\\pe "x"', E'id \"q\" \\\\ \n\t\x01\x1f é ✓ /', '{"h": "\u007f"}')});
-$all->wait_for(sub { grep { ($_->{msg}{id} // 0) == $odd_id } @_ },
-	'event with escaped characters notified');
-my ($odd) = grep { ($_->{msg}{id} // 0) == $odd_id } $all->messages;
+my $odd = wait_notified($all, $odd_id, 'event with escaped characters notified');
 SKIP:
 {
 	skip 'event not delivered', 1 unless $odd;
