@@ -1889,6 +1889,10 @@ push_once_handover(PG_FUNCTION_ARGS)
  * Once a second (CURSOR_IDLE_TOUCH_MS) the locked path runs anyway and
  * writes the row, so that the stats view's last_activity still shows a
  * polling consumer.
+ *
+ * The worker's claims for push subscriptions do not use this: it commits
+ * without waiting for a flush anyway, runs a cycle when a commit published
+ * (so there usually is something), and is where delivery latency is made.
  */
 #define CURSOR_IDLE_TOUCH_MS 1000
 
@@ -1989,7 +1993,8 @@ claim_try_lane(ClaimState *st, int lane)
 		/* no longer push_once (now push): the row must be current */
 		cursor_write_held(known, true, st->now);
 	}
-	else if (known != NULL && known->idle && claim_lane_idle(st, lane, known))
+	else if (!EventboxIsWorker && known != NULL && known->idle &&
+			 claim_lane_idle(st, lane, known))
 		return false;
 
 	values[0] = Int32GetDatum(st->sub->sub_id);
