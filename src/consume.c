@@ -105,6 +105,13 @@ typedef struct CursorPos
 	Datum		pos_id;
 } CursorPos;
 
+/*
+ * The cursor reads (locked or not, by key or by remembered TID): the
+ * columns in this order.
+ */
+#define CURSOR_SELECT \
+	"SELECT snap, target, pos_txid, pos_id, ctid, updated_at FROM eventbox.cursors"
+
 /* Columns of the log queries, in this order. */
 #define LOG_COLUMNS \
 	"id, txid, event_id, event_type, aggregate_type, aggregate_id, payload," \
@@ -1121,39 +1128,36 @@ consume_prepare_claim_plans(void)
 										  2, types);
 	}
 	plan_lock = EventboxPreparePlan(
-									"SELECT snap, target, pos_txid, pos_id, ctid, updated_at FROM eventbox.cursors"
+									CURSOR_SELECT
 									" WHERE sub_id = $1 AND lane = $2 FOR UPDATE",
 									2, t_sub_lane);
 	plan_lock_skip = EventboxPreparePlan(
-										 "SELECT snap, target, pos_txid, pos_id, ctid, updated_at FROM eventbox.cursors"
+										 CURSOR_SELECT
 										 " WHERE sub_id = $1 AND lane = $2 FOR UPDATE SKIP LOCKED",
 										 2, t_sub_lane);
 	{
 		Oid			types[3] = {INT4OID, INT4OID, TIDOID};
 
-		/* see cursor_tid_find */
+		/* see cursor_read */
 		plan_lock_tid = EventboxPreparePlan(
-											"SELECT snap, target, pos_txid, pos_id, ctid, updated_at FROM eventbox.cursors"
+											CURSOR_SELECT
 											" WHERE ctid = $3 AND sub_id = $1 AND lane = $2 FOR UPDATE",
 											3, types);
 		plan_lock_tid_skip = EventboxPreparePlan(
-												 "SELECT snap, target, pos_txid, pos_id, ctid, updated_at FROM eventbox.cursors"
+												 CURSOR_SELECT
 												 " WHERE ctid = $3 AND sub_id = $1 AND lane = $2"
 												 " FOR UPDATE SKIP LOCKED",
 												 3, types);
-	}
-	plan_peek = EventboxPreparePlan(
-									"SELECT snap, target, pos_txid, pos_id, updated_at FROM eventbox.cursors"
-									" WHERE sub_id = $1 AND lane = $2",
-									2, t_sub_lane);
-	{
-		Oid			types[3] = {INT4OID, INT4OID, TIDOID};
-
+		/* unlocked, see claim_lane_idle */
 		plan_peek_tid = EventboxPreparePlan(
-											"SELECT snap, target, pos_txid, pos_id, updated_at FROM eventbox.cursors"
+											CURSOR_SELECT
 											" WHERE ctid = $3 AND sub_id = $1 AND lane = $2",
 											3, types);
 	}
+	plan_peek = EventboxPreparePlan(
+									CURSOR_SELECT
+									" WHERE sub_id = $1 AND lane = $2",
+									2, t_sub_lane);
 	{
 		Oid			types[5] = {PG_SNAPSHOTOID, XID8OID, INT8OID, INT4OID, TIMESTAMPTZOID};
 
@@ -1626,7 +1630,7 @@ EventboxForgetHeld(void)
  * moves, and the look costs reading those few pages.
  *
  * A moved row has a new ctid: backends that remembered the old one fall
- * back to the key (cursor_tid_find), and the worker stages the new one for
+ * back to the key (cursor_read), and the worker stages the new one for
  * the positions it holds.  A row some claim holds locked stays where it
  * is until the next look.  A REPEATABLE READ claim whose snapshot predates
  * the move fails with a serialization error, as it does when another
@@ -1868,6 +1872,26 @@ push_once_handover(PG_FUNCTION_ARGS)
 }
 
 /*
+ * cursor_read runs a cursor read for (values[0], values[1]), sub_id and
+ * lane: first `by_tid` at the row version this backend saw last (values[2]),
+ * then, when that version is gone or unknown, `by_key`.  The row, if any,
+ * is the current SPI result.
+ */
+static void
+cursor_read(CursorEntry *known, SPIPlanPtr by_tid, SPIPlanPtr by_key,
+			Datum *values, const char *what)
+{
+	SPI_processed = 0;
+	if (known != NULL && ItemPointerIsValid(&known->tid))
+	{
+		values[2] = PointerGetDatum(&known->tid);
+		EventboxExecPlan(by_tid, values, NULL, SPI_OK_SELECT, what);
+	}
+	if (SPI_processed == 0)
+		EventboxExecPlan(by_key, values, NULL, SPI_OK_SELECT, what);
+}
+
+/*
  * A consumer that polls an idle subscription used to lock the cursor row on
  * every claim.  The lock takes a transaction id, so each empty poll wrote
  * WAL and, with synchronous_commit on, waited for a flush at commit (0.7 ms
@@ -1906,14 +1930,7 @@ claim_lane_idle(ClaimState *st, int lane, CursorEntry *known)
 
 	values[0] = Int32GetDatum(st->sub->sub_id);
 	values[1] = Int32GetDatum(lane);
-	SPI_processed = 0;
-	if (ItemPointerIsValid(&known->tid))
-	{
-		values[2] = PointerGetDatum(&known->tid);
-		EventboxExecPlan(plan_peek_tid, values, NULL, SPI_OK_SELECT, "cursor read");
-	}
-	if (SPI_processed == 0)
-		EventboxExecPlan(plan_peek, values, NULL, SPI_OK_SELECT, "cursor read");
+	cursor_read(known, plan_peek_tid, plan_peek, values, "cursor read");
 	if (SPI_processed == 0)
 		return false;
 	row = SPI_tuptable->vals[0];
@@ -1922,7 +1939,7 @@ claim_lane_idle(ClaimState *st, int lane, CursorEntry *known)
 	(void) SPI_getbinval(row, desc, 2, &isnull);
 	if (!isnull)
 		return false;			/* a window is open */
-	if (TimestampDifferenceExceeds(DatumGetTimestampTz(SPI_getbinval(row, desc, 5, &isnull)),
+	if (TimestampDifferenceExceeds(DatumGetTimestampTz(SPI_getbinval(row, desc, 6, &isnull)),
 								   st->now, CURSOR_IDLE_TOUCH_MS))
 		return false;
 
@@ -1999,16 +2016,8 @@ claim_try_lane(ClaimState *st, int lane)
 
 	values[0] = Int32GetDatum(st->sub->sub_id);
 	values[1] = Int32GetDatum(lane);
-	SPI_processed = 0;
-	if (known != NULL && ItemPointerIsValid(&known->tid))
-	{
-		values[2] = PointerGetDatum(&known->tid);
-		EventboxExecPlan(st->sub->ordered ? plan_lock_tid_skip : plan_lock_tid, values,
-						 NULL, SPI_OK_SELECT, "cursor lock");
-	}
-	if (SPI_processed == 0)
-		EventboxExecPlan(st->sub->ordered ? plan_lock_skip : plan_lock, values, NULL,
-						 SPI_OK_SELECT, "cursor lock");
+	cursor_read(known, st->sub->ordered ? plan_lock_tid_skip : plan_lock_tid,
+				st->sub->ordered ? plan_lock_skip : plan_lock, values, "cursor lock");
 	if (SPI_processed == 0)
 		return false;
 	cursor = SPI_tuptable->vals[0];
