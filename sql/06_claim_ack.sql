@@ -151,28 +151,27 @@ RESET enable_bitmapscan;
 -- can find nothing return without locking the cursor, so they take no
 -- transaction id (and write no WAL); anything that might be claimable
 -- sends them down the locked path
+-- one claim in a transaction of its own, and whether it took an xid
+CREATE FUNCTION test.idle_claim(sub text, OUT claimed bigint, OUT no_xid boolean)
+LANGUAGE plpgsql AS $$
+BEGIN
+	SELECT count(*) INTO claimed FROM eventbox.claim_batch(10, sub);
+	no_xid := pg_current_xact_id_if_assigned() IS NULL;
+END
+$$;
 SELECT eventbox.subscribe('t06_idle', '{t06idle.*}');
 SELECT count(*) FROM eventbox.claim_batch(10, 't06_idle');
-BEGIN;
-SELECT count(*) FROM eventbox.claim_batch(10, 't06_idle');
-SELECT pg_current_xact_id_if_assigned() IS NULL AS no_xid;
-COMMIT;
+SELECT * FROM test.idle_claim('t06_idle');
 SELECT eventbox.publish('t06idle.a') - :base AS id \gset idle_
 SELECT id - :base = :idle_id AS is_it FROM eventbox.claim_batch(10, 't06_idle');
 SELECT eventbox.ack(:base + :idle_id, 't06_idle');
 -- the claim after a batch locks (it does not know yet that nothing came)
 SELECT count(*) FROM eventbox.claim_batch(10, 't06_idle');
-BEGIN;
-SELECT count(*) FROM eventbox.claim_batch(10, 't06_idle');
-SELECT pg_current_xact_id_if_assigned() IS NULL AS no_xid;
-COMMIT;
+SELECT * FROM test.idle_claim('t06_idle');
 -- an event of a type the subscription does not take is a log row after
 -- the cursor all the same: the claim locks and finds nothing
 SELECT eventbox.publish('t06other.a') > 0 AS published;
-BEGIN;
-SELECT count(*) FROM eventbox.claim_batch(10, 't06_idle');
-SELECT pg_current_xact_id_if_assigned() IS NULL AS no_xid;
-COMMIT;
+SELECT * FROM test.idle_claim('t06_idle');
 -- a retry that came due is found by an idle claimer
 SELECT eventbox.publish('t06idle.b') - :base AS id \gset idle_
 SELECT id - :base = :idle_id AS is_it FROM eventbox.claim_batch(10, 't06_idle');
@@ -182,14 +181,12 @@ SELECT id - :base = :idle_id AS is_it, attempt FROM eventbox.claim_batch(10, 't0
 SELECT eventbox.ack(:base + :idle_id, 't06_idle');
 SELECT count(*) FROM eventbox.claim_batch(10, 't06_idle');
 -- and so is an event published while the claimer was idle
-BEGIN;
-SELECT count(*) FROM eventbox.claim_batch(10, 't06_idle');
-SELECT pg_current_xact_id_if_assigned() IS NULL AS no_xid;
-COMMIT;
+SELECT * FROM test.idle_claim('t06_idle');
 SELECT eventbox.publish('t06idle.c') - :base AS id \gset idle_
 SELECT id - :base = :idle_id AS is_it FROM eventbox.claim_batch(10, 't06_idle');
 SELECT eventbox.ack(:base + :idle_id, 't06_idle');
 SELECT eventbox.unsubscribe('t06_idle');
+DROP FUNCTION test.idle_claim(text);
 
 SELECT eventbox.unsubscribe('t06_a');
 SELECT eventbox.unsubscribe('t06_b');
