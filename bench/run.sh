@@ -52,7 +52,7 @@ cat >"$WORK/pgqd.ini" <<INI
 [pgqd]
 logfile = $WORK/pgqd.log
 pidfile = $WORK/pgqd.pid
-base_connstr = host=$WORK port=$PORT
+base_connstr = host=$WORK port=$PORT application_name=bench-pgqd
 initial_database = bench
 database_list = bench
 INI
