@@ -12,6 +12,9 @@
 #
 # Usage (as root, after scripts/setup.sh and make install):
 #   bash bench/relay.sh [EVENTS=100000] [BATCH_SIZES="500 1000 2000"]
+#
+# With RELAY_SUMMARY=FILE in the environment it also writes the figures as
+# JSON to FILE (bench/run.sh does, to put them in its report).
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=../scripts/lib.sh
 . "$(dirname -- "${BASH_SOURCE[0]}")/../scripts/lib.sh"
@@ -98,5 +101,18 @@ report=$EVENTBOX_ROOT/bench/results/relay-$(date -u +%Y%m%dT%H%M%SZ).md
     echo
     echo "Stream BENCH at the end: $messages messages, $distinct distinct Nats-Msg-Id, duplicates $(( messages - distinct ))."
 } >"$report"
+if [ -n "${RELAY_SUMMARY:-}" ]; then
+    /usr/bin/python3 - "$results" "$report" "$messages" "$distinct" >"$RELAY_SUMMARY" <<'PY'
+import json, os, sys
+rows = []
+with open(sys.argv[1]) as f:
+    for line in f:
+        c = [x.strip() for x in line.strip().strip("|").split("|")]
+        rows.append({"batch": int(c[0]), "events": int(c[1]), "stored": int(c[2]),
+                     "seconds": float(c[3]), "events_per_s": float(c[4]), "acked": int(c[5])})
+print(json.dumps({"report": os.path.basename(sys.argv[2]), "rows": rows,
+                  "messages": int(sys.argv[3]), "distinct": int(sys.argv[4])}))
+PY
+fi
 cat "$report"
 log "report written to $report"

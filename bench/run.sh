@@ -30,6 +30,15 @@ esac
 command -v pgqd >/dev/null || [ -x /usr/sbin/pgqd ] || die "pgqd not found"
 
 t0=$(date +%s)
+
+# The relay bar first, in its own cluster and nats-server (bench/relay.sh):
+# 100,000 events, batches of 1,000; its figures go into the report.
+relay_summary=$(mktemp /tmp/eventbox-relay.XXXXXX.json)
+relay_rc=0
+RELAY_SUMMARY=$relay_summary bash "$EVENTBOX_ROOT/bench/relay.sh" 100000 1000 || relay_rc=$?
+[ "$relay_rc" -eq 0 ] || { log "bench/relay.sh failed ($relay_rc); the report says so"; : >"$relay_summary"; }
+chmod 644 "$relay_summary"
+
 PORT=${EVENTBOX_BENCH_PORT:-54332}
 BINDIR=$("$PG_CONFIG" --bindir)
 trap bench_cluster_remove EXIT
@@ -43,6 +52,7 @@ checkpoint_timeout = '30min'
 wal_level = replica
 max_connections = 100
 autovacuum = on
+log_autovacuum_min_duration = 0
 CONF
 bench_cluster_start
 
@@ -63,7 +73,9 @@ report=$EVENTBOX_ROOT/bench/results/$(date -u +%Y%m%dT%H%M%SZ)${quick:+-quick}.m
 status=0
 as_postgres "$WORK" /usr/bin/python3 "$EVENTBOX_ROOT/bench/bench.py" \
     --host "$WORK" --port "$PORT" --db bench --work "$WORK" \
-    --pgqd-conf "$WORK/pgqd.ini" --out "$WORK/report.md" "${quick[@]}" || status=$?
+    --pgqd-conf "$WORK/pgqd.ini" --out "$WORK/report.md" --relay-summary "$relay_summary" \
+    "${quick[@]}" || status=$?
+rm -f "$relay_summary"
 if [ "$status" -ne 0 ]; then
     log "bench.py failed ($status); server log tail:"
     tail -n 30 "$WORK/server.log" >&2 || true
