@@ -13,6 +13,9 @@
 # - NATS stopped while the relay runs and events keep coming: nothing is
 #   acked meanwhile; once NATS is back the relay resumes on its own and
 #   every event ends in the stream exactly once.
+# - PostgreSQL restarted while the relay runs: the relay reconnects (and
+#   listens again) by itself and relays what was published since, each
+#   event once in the stream.
 # - events that cannot be stored (no stream for their subject) are nacked
 #   with the NATS error and end in the dead letters; nothing else is acked.
 # - an ordered subscription of 50,000 events, relay killed -9 four times
@@ -209,34 +212,64 @@ $s = stream();
 is($s->{messages}, 20000, 'after kill -9 and restart: 20,000 messages in the stream');
 is($s->{distinct}, 20000, '... 20,000 distinct Nats-Msg-Id: exactly once');
 
-# --- 2b. NATS stops mid-run: the relay backs off and resumes, nothing lost ---
-($rout, $rerr) = ('', '');
-$h = IPC::Run::start([ @relay, '-s', 'to_nats', '--batch-size', '200' ],
-	'<', \undef, '>', \$rout, '2>', \$rerr);
-publish_orders('order.updated', 3000);
-ok( $node->poll_query_until(
-		'postgres', q{
-SELECT acked_total = 23000 FROM eventbox.stats WHERE subscription = 'to_nats'}),
-	'a running relay forwards new events');
-$nats->signal('TERM');
-$nats->finish;
-publish_orders('order.shipped', 3000);
-sleep 3;
-is(stats('to_nats')->[4], 23000, 'nothing is acked while NATS is down');
-$nats = IPC::Run::start(
-	[ $nats_server, '-js', '-a', '127.0.0.1', '-p', $nport, '-m', $mport, '-sd', "$store/js" ],
-	'<', \undef, '>>', $nlog, '2>&1');
-ok( $node->poll_query_until(
-		'postgres', q{
-SELECT pending = 0 AND leased = 0 AND scheduled_retries = 0 AND dead = 0 AND acked_total = 26000
-FROM eventbox.stats WHERE subscription = 'to_nats'}),
-	'once NATS is back the relay resumes and acks every event');
-$h->signal('TERM');
-$h->finish;
-is($? >> 8, 0, 'the relay that lived through the NATS outage stops cleanly');
-$s = stream();
-is($s->{messages}, 26000, 'after the NATS outage: 26,000 messages in the stream');
-is($s->{distinct}, 26000, '... 26,000 distinct Nats-Msg-Id: exactly once');
+# --- 2b/2c. an outage while one relay runs: it resumes, nothing lost -------
+# A relay on to_nats forwards $before events, then $break->() interrupts
+# NATS or PostgreSQL, $during more events are published, $mend->() (if
+# any) ends the outage; the same relay must ack everything and the stream
+# hold each event once.  Returns the relay's log.
+sub relay_through_outage
+{
+	my ($what, $before, $break, $during, $mend) = @_;
+	my ($out, $err) = ('', '');
+	my $acked = stats('to_nats')->[4];
+	my $total = $acked + $before->[1] + $during->[1];
+	my $h = IPC::Run::start([ @relay, '-s', 'to_nats', '--batch-size', '200' ],
+		'<', \undef, '>', \$out, '2>', \$err);
+	publish_orders(@$before);
+	ok( $node->poll_query_until(
+			'postgres', sprintf(q{
+SELECT acked_total = %d FROM eventbox.stats WHERE subscription = 'to_nats'}, $acked + $before->[1])),
+		"before $what: a running relay forwards new events");
+	$break->();
+	publish_orders(@$during);
+	$mend->($acked + $before->[1]) if $mend;
+	ok( $node->poll_query_until(
+			'postgres', sprintf(q{
+SELECT pending = 0 AND leased = 0 AND scheduled_retries = 0 AND dead = 0 AND acked_total = %d
+FROM eventbox.stats WHERE subscription = 'to_nats'}, $total)),
+		"after $what the same relay resumes and acks every event");
+	$h->signal('TERM');
+	$h->finish;
+	is($? >> 8, 0, "the relay that lived through $what stops cleanly");
+	my $st = stream();
+	is($st->{messages}, $total, "after $what: $total messages in the stream");
+	is($st->{distinct}, $total, "... $total distinct Nats-Msg-Id: exactly once");
+	return $err;
+}
+
+relay_through_outage(
+	'the NATS outage',
+	[ 'order.updated', 3000 ],
+	sub { $nats->signal('TERM'); $nats->finish; },
+	[ 'order.shipped', 3000 ],
+	sub {
+		my ($acked) = @_;
+		sleep 3;
+		is(stats('to_nats')->[4], $acked, 'nothing is acked while NATS is down');
+		$nats = IPC::Run::start(
+			[ $nats_server, '-js', '-a', '127.0.0.1', '-p', $nport, '-m', $mport, '-sd', "$store/js" ],
+			'<', \undef, '>>', $nlog, '2>&1');
+	});
+
+# PostgreSQL's fast restart ends the relay's session; it reconnects and
+# listens again by itself.
+$rerr = relay_through_outage(
+	'the PostgreSQL restart',
+	[ 'order.paid', 1000 ],
+	sub { $node->restart; },
+	[ 'order.refunded', 2000 ]);
+like($rerr, qr/lost the connection to PostgreSQL; reconnecting/,
+	'... and it noticed the lost connection');
 
 # --- 3. no stream for the subject: dead letters with the NATS error ---------
 $node->safe_psql('postgres', q{
@@ -251,7 +284,7 @@ my $errs = $node->safe_psql('postgres',
 like($errs, qr/NATS publish to subject "eb\.user\.created" failed: No responders/i,
 	'last_error is the NATS error');
 like($errs, qr/no JetStream stream stores this subject/, '... with what it means');
-is(stream()->{messages}, 26000, 'the stream holds nothing more');
+is(stream()->{messages}, 29000, 'the stream holds nothing more');
 
 # --- 4. ordered subscription, 50,000 events, relay killed -9 repeatedly ------
 # Events of 100 aggregates; within an aggregate, payload n grows with the
