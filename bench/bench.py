@@ -531,8 +531,11 @@ class Bench:
     # "last minute against first" measure the outbox.  So the outbox's
     # processes (its client and its backends) run on one CPU and all other
     # P4 processes (clients, backends, the eventbox worker, pgqd and its
-    # backend) on the rest.  The CPU each system used in the first and the
-    # last window is measured and reported.
+    # backend) on the rest, together with the server's own processes and
+    # the postmaster, whose autovacuum workers inherit its CPUs.  Left free,
+    # those would use the outbox's CPU while it is idle at the start and
+    # move to the others' as it fills up.  The CPU each system used in the
+    # first and the last window is measured and reported.
     P4_SYSTEMS = ("floor", "outbox", "pgq", "eventbox")
     P4_QUARANTINED = "outbox"
 
@@ -543,6 +546,18 @@ class Bench:
             return None
         return {s: ({allowed[-1]} if s == self.P4_QUARANTINED else set(allowed[:-1]))
                 for s in self.P4_SYSTEMS}
+
+    def server_pids(self):
+        """The postmaster (autovacuum workers forked during P4 inherit its
+        CPUs) and the server's own processes that serve every system."""
+        datadir = self.q1("SELECT current_setting('data_directory')")
+        with open(os.path.join(datadir, "postmaster.pid")) as f:
+            pids = [int(f.readline())]
+        pids += [r[0] for r in self.q(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type IN ('walwriter',"
+            " 'background writer', 'checkpointer', 'autovacuum launcher',"
+            " 'logical replication launcher', 'eventbox launcher', 'autovacuum worker')")]
+        return pids
 
     def p4_helper_pids(self):
         """The processes that serve a system without being its client's
@@ -602,10 +617,13 @@ class Bench:
             pr.start()
             procs.append(pr)
         helpers = self.p4_helper_pids()
+        server = self.server_pids()
         if cpus:
             for s, pids in helpers.items():
                 for pid in pids:
                     os.sched_setaffinity(pid, cpus[s])
+            for pid in server:
+                os.sched_setaffinity(pid, cpus["eventbox"])
         helper_cpu = {s: [] for s in helpers}
         samplers = [threading.Thread(target=cpu_sampler, args=(pids, moments, helper_cpu[s]))
                     for s, pids in helpers.items()]
@@ -640,7 +658,7 @@ class Bench:
                 results[s]["helper_cpu"] = samples
         if cpus:
             everywhere = os.sched_getaffinity(0)
-            for pid in helpers["eventbox"]:
+            for pid in helpers["eventbox"] + server:
                 os.sched_setaffinity(pid, everywhere)
         out["storage_end"].update(self.p4_snapshot(systems))
         xmin_end = self.q1("SELECT backend_xmin FROM pg_stat_activity WHERE application_name ="
@@ -1248,10 +1266,11 @@ def report(b, res, p4):
     if cpus:
         where = ("The four systems run at once. The outbox's client and backends run on CPU %s; "
                  "every other P4 process (the other systems' clients and backends, the eventbox "
-                 "worker, pgqd and its backend) on CPU %s. The outbox's consumer gets slower as its "
-                 "table bloats and takes ever more CPU (the CPU table below); on one CPU for all, "
-                 "that growth would show up in the other systems' last-minute latency. The "
-                 "server's own processes (autovacuum, checkpointer, WAL writer) are not placed."
+                 "worker, pgqd and its backend) and the server's own processes (postmaster, so autovacuum "
+                 "workers, checkpointer, WAL writer, background writer, launchers) on CPU %s. The "
+                 "outbox's consumer gets slower as its table bloats and takes ever more CPU (the CPU "
+                 "table below); on one CPU for all, that growth would show up in the other systems' "
+                 "last-minute latency."
                  % (",".join(map(str, cpus["outbox"])), ",".join(map(str, cpus["eventbox"]))))
     else:
         where = "The four systems run at once (one CPU: no placement)."
