@@ -1233,9 +1233,9 @@ def report(b, res, p4):
     if b.caught_up_waits.get("P2"):
         L.append("Each system drains alone: PgQ's ticker is stopped, and before each eventbox drain "
                  "the harness waited until the worker had forwarded the preload to the default push "
-                 "subscription (channel eventbox), so the worker is not sending 100,000 "
-                 "notifications during the drain: %s s." % ", ".join(
-                     "%.1f" % w for w in b.caught_up_waits["P2"]))
+                 "subscription (channel eventbox), so the worker is not sending %s "
+                 "notifications during the drain: %s s." % (fmt(b.p2_events), ", ".join(
+                     "%.1f" % w for w in b.caught_up_waits["P2"])))
         L.append("")
 
     # -- P3
