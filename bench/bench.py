@@ -1419,7 +1419,7 @@ def report(b, res, p4):
     L.append("")
     L.append("| setting | value |")
     L.append("|---|---|")
-    names = ("fsync", "synchronous_commit", "wal_level", "shared_buffers", "max_wal_size",
+    names = ("fsync", "synchronous_commit", "wal_level", "shared_buffers", "huge_pages", "max_wal_size",
              "checkpoint_timeout", "max_connections", "shared_preload_libraries", "autovacuum",
              "wal_sync_method", "full_page_writes", "work_mem", "listen_addresses",
              "unix_socket_directories", "eventbox.enabled", "eventbox.naptime", "eventbox.batch_size",
@@ -1427,6 +1427,8 @@ def report(b, res, p4):
     for name, setting in b.q("SELECT name, current_setting(name) FROM pg_settings"
                              " WHERE name = ANY(%s) ORDER BY name", (list(names),)):
         L.append("| %s | %s |" % (name, setting))
+    L.append("")
+    L.append("Shared memory in huge pages: %s." % a.huge_pages)
     L.append("")
     with open(a.out, "w") as f:
         f.write("\n".join(L) + "\n")
@@ -1444,6 +1446,8 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--relay-summary", help="JSON written by bench/relay.sh (RELAY_SUMMARY); "
                     "empty or missing: the relay was not measured")
+    ap.add_argument("--huge-pages", default="not known",
+                    help="whether the server's shared memory is in huge pages (run.sh finds out)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     b = Bench(args)
