@@ -39,6 +39,11 @@ OUTBOX_TABLE = """
         CREATE INDEX ON {name} (id) WHERE status = 'pending';"""
 
 # ~100 bytes of JSON, the same shape for every system.
+def sql_literal(text):
+    """text as an SQL string constant (standard_conforming_strings is on)"""
+    return "'" + text.replace("'", "''") + "'"
+
+
 PAYLOAD_SQL = ("jsonb_build_object('order_id', {id}, 'customer_id', {cust}, "
                "'total', {total}, 'currency', 'EUR', 'note', 'benchmark payload 0123456789')")
 
@@ -46,6 +51,7 @@ PAYLOAD_SQL = ("jsonb_build_object('order_id', {id}, 'customer_id', {cust}, "
 # P1 configurations, run interleaved: the floor, the floor with one more
 # round trip, each system as a separate publish statement (4 round trips),
 # and each system in the same statement as the business INSERT (3).
+P1_BATCH_SYSTEMS = ("outbox", "pgq", "pgq_doc", "eventbox", "eventbox_doc")
 P1_SYSTEMS = ("floor", "floor4", "outbox", "pgq", "eventbox", "outbox_1", "pgq_1", "eventbox_1")
 
 
@@ -154,8 +160,8 @@ class Bench:
         return path
 
     def pgbench(self, script, clients, seconds=None, transactions=None,
-                sync=True, allow_abort=False):
-        cmd = [PGBENCH, "-n", "-M", "prepared", "-h", self.a.host, "-p", str(self.a.port),
+                sync=True, allow_abort=False, mode="prepared"):
+        cmd = [PGBENCH, "-n", "-M", mode, "-h", self.a.host, "-p", str(self.a.port),
                "-c", str(clients), "-j", str(min(clients, 2)), "-f", script]
         if seconds is not None:
             cmd += ["-T", str(seconds)]
@@ -285,6 +291,20 @@ class Bench:
             "SELECT count(*) FROM eventbox.publish_batch((SELECT jsonb_agg(jsonb_build_object("
             "'event_type', 'order.created', 'aggregate_type', 'order', 'aggregate_id', g::text,"
             " 'payload', " + gpay + ")) FROM generate_series(1, 1000) g));\n")
+        # The same 1,000 events as one JSON document in the statement, the
+        # way an application hands over a batch it has built: sent with the
+        # simple protocol, so the server parses the document on every call
+        # (a prepared statement would parse the constant once).  PgQ gets
+        # the same document, its 1,000 payloads, for insert_event.
+        doc = self.q1("SELECT jsonb_agg(jsonb_build_object('event_type', 'order.created',"
+                      " 'aggregate_type', 'order', 'aggregate_id', g::text, 'payload', " + gpay
+                      + "))::text FROM generate_series(1, 1000) g")
+        pdoc = self.q1("SELECT jsonb_agg(" + gpay + ")::text FROM generate_series(1, 1000) g")
+        b["eventbox_doc"] = self.script("p1b_eventbox_doc",
+            "SELECT count(*) FROM eventbox.publish_batch(" + sql_literal(doc) + ");\n")
+        b["pgq_doc"] = self.script("p1b_pgq_doc",
+            "SELECT count(pgq.insert_event('bench', 'order.created', e::text))"
+            " FROM jsonb_array_elements(" + sql_literal(pdoc) + ") e;\n")
         return s, b
 
     def wal_lsn(self):
@@ -307,9 +327,10 @@ class Bench:
                     self.check("P1 %s: no failed transactions" % key, r["failed"] in (0, None),
                                str(r["failed"]))
                     log("P1 rep %d sync=%s c=%d %-10s tps %.0f" % (rep, sync, clients, system, r["tps"]))
-        for system in ("outbox", "pgq", "eventbox"):
+        for system in P1_BATCH_SYSTEMS:
             lsn0 = self.wal_lsn()
-            r = self.pgbench(b[system], 1, seconds=self.p1_batch_T, sync=True)
+            r = self.pgbench(b[system], 1, seconds=self.p1_batch_T, sync=True,
+                             mode="simple" if system.endswith("_doc") else "prepared")
             time.sleep(0.3)
             res.setdefault("p1b|%s" % system, []).append(r["tps"] * 1000)
             res.setdefault("p1bwal|%s" % system, []).append(
@@ -1035,6 +1056,13 @@ def ratio(a, b):
     return "%.2f" % (a / b)
 
 
+def best_batch(res, system):
+    """the median events/s of system's faster batch-publish input form"""
+    meds = [mmm(res.get("p1b|%s%s" % (system, form), []))[0] for form in ("", "_doc")]
+    meds = [m for m in meds if m is not None]
+    return max(meds) if meds else None
+
+
 def bars_at_a_glance(b, res, p4):
     """The SPEC section 8 bars, each with the measured median and whether it holds."""
     L = ["## SPEC §8 bars at a glance", "",
@@ -1058,8 +1086,8 @@ def bars_at_a_glance(b, res, p4):
                 row("publish, %s, synchronous_commit %s, %d client%s: eventbox / floor TPS" % (
                     shape, sync, c, "s" if c > 1 else ""),
                     "n/a" if r is None else "%.2f" % r, "≥ %.2f" % bar, None if r is None else r >= bar)
-    r = rat(med("p1b|eventbox"), med("p1b|pgq"))
-    row("publish_batch of 1,000: eventbox / PgQ events/s", "n/a" if r is None else "%.2f" % r, "≥ 1.00",
+    r = rat(best_batch(res, "eventbox"), best_batch(res, "pgq"))
+    row("publish_batch of 1,000: eventbox / PgQ events/s (each in its faster input form)", "n/a" if r is None else "%.2f" % r, "≥ 1.00",
         None if r is None else r >= 1.0)
     r = rat(med("p2|eventbox|1"), med("p2|pgq|1"))
     row("drain, 1 consumer: eventbox / PgQ events/s", "n/a" if r is None else "%.2f" % r, "≥ 2.00",
@@ -1192,17 +1220,29 @@ def report(b, res, p4):
     L.append("| system | how | events/s | ratio eventbox / this |")
     L.append("|---|---|---:|---:|")
     how = {"outbox": "INSERT ... SELECT generate_series(1,1000)",
-           "pgq": "SELECT count(pgq.insert_event(...)) FROM generate_series(1,1000) (one set-based statement)",
-           "eventbox": "eventbox.publish_batch(jsonb array of 1,000, built with jsonb_agg in the same statement)"}
-    bm = {s: mmm(res.get("p1b|%s" % s, [])) for s in ("outbox", "pgq", "eventbox")}
-    for s in ("outbox", "pgq", "eventbox"):
-        L.append("| %s | %s | %s | %s |" % (s, how[s], bm[s][1], ratio(bm["eventbox"][0], bm[s][0])))
+           "pgq": "SELECT count(pgq.insert_event(...)) FROM generate_series(1,1000)"
+                  " (one set-based statement, payloads built in it)",
+           "pgq_doc": "SELECT count(pgq.insert_event(...)) FROM jsonb_array_elements('<1,000 payloads>')"
+                      " (the same document's payloads; simple protocol, parsed every call)",
+           "eventbox": "eventbox.publish_batch(jsonb array of 1,000, built with jsonb_agg in the same statement)",
+           "eventbox_doc": "eventbox.publish_batch('<JSON array of 1,000 events>') (one document, as an"
+                           " application sends a batch; simple protocol, parsed every call)"}
+    bm = {s: mmm(res.get("p1b|%s" % s, [])) for s in P1_BATCH_SYSTEMS}
+    eb_best = best_batch(res, "eventbox")
+    for s in P1_BATCH_SYSTEMS:
+        L.append("| %s | %s | %s | %s |" % (s, how[s], bm[s][1], ratio(eb_best, bm[s][0])))
     L.append("")
-    L.append("Bar: publish_batch ≥ PgQ's batch insert rate → ratio eventbox/pgq ≥ 1.00: **%s**." %
-             ratio(bm["eventbox"][0], bm["pgq"][0]))
+    L.append("The ratio column divides eventbox's faster form by each row. Both systems are run with"
+             " the same 1,000 events in two input forms: built by SQL inside the statement, and"
+             " handed over as one JSON document. eventbox in-statement / PgQ in-statement: %s;"
+             " document / document: %s." % (
+                 ratio(bm["eventbox"][0], bm["pgq"][0]), ratio(bm["eventbox_doc"][0], bm["pgq_doc"][0])))
+    L.append("")
+    L.append("Bar: publish_batch ≥ PgQ's batch insert rate, each system in its faster form → ratio"
+             " eventbox/pgq ≥ 1.00: **%s**." % ratio(eb_best, best_batch(res, "pgq")))
     L.append("")
     L.append("WAL per event in the batch runs (bytes): " + ", ".join(
-        "%s %s" % (sy, fmt(mmm(res.get("p1bwal|" + sy, []))[0])) for sy in ("outbox", "pgq", "eventbox")) + ".")
+        "%s %s" % (sy, fmt(mmm(res.get("p1bwal|" + sy, []))[0])) for sy in P1_BATCH_SYSTEMS) + ".")
     L.append("")
 
     # -- P2
