@@ -29,6 +29,7 @@
 #include "access/heapam.h"
 #include "access/table.h"
 #include "access/xact.h"
+#include "catalog/pg_collation.h"
 #include "catalog/pg_type.h"
 #include "catalog/namespace.h"
 #include "commands/trigger.h"
@@ -122,12 +123,6 @@ enum
 	LC_HEADERS, LC_OCCURRED, LC_DELIVER
 };
 
-/* Filters shared by the window queries; $5 regex, $6 lanes, $7 lane. */
-#define WINDOW_FILTER \
-	" AND pg_catalog.pg_visible_in_snapshot(txid, $4)" \
-	" AND ($5::text IS NULL OR eventbox._type_matches(event_type, $5))" \
-	" AND ($6 = 1 OR eventbox._lane(aggregate_type, aggregate_id, id, $6) = $7)" \
-	" ORDER BY txid, id LIMIT $8"
 
 static SPIPlanPtr plan_sub = NULL;
 static SPIPlanPtr plan_expire = NULL;
@@ -144,8 +139,6 @@ static SPIPlanPtr plan_retry_due = NULL;
 static SPIPlanPtr plan_retry_lane = NULL;
 static SPIPlanPtr plan_retry_take = NULL;
 static SPIPlanPtr plan_events = NULL;
-static SPIPlanPtr plan_xip = NULL;
-static SPIPlanPtr plan_band = NULL;
 static SPIPlanPtr plan_window_min = NULL;
 static SPIPlanPtr plan_idscan = NULL;
 static SPIPlanPtr plan_delay = NULL;
@@ -617,6 +610,8 @@ typedef struct WindowScan
 	Datum		pos_txid;		/* the last row received */
 	Datum		pos_id;
 	int			rows;			/* rows received */
+	int			limit;			/* direct scans: stop after this many rows */
+	struct ConsumeSnapshot *target; /* direct scans: the window's target */
 	bool		stopped;		/* an ordered lane met a delayed event */
 	int			ndelayed;
 	int			maxdelayed;
@@ -638,17 +633,16 @@ consume_keep8(Datum value, MemoryContext ctx)
 #endif
 }
 
+/*
+ * window_scan_row takes one row of a window (values and nulls in
+ * LOG_COLUMNS order), emitting it or noting it as delayed, and moves the
+ * position to it.  Returns false when the scan has to stop.
+ */
 static bool
-window_scan_receive(TupleTableSlot *slot, DestReceiver *self)
+window_scan_row(WindowScan *ws, Datum *values, bool *nulls)
 {
-	WindowScan *ws = (WindowScan *) self;
 	ClaimState *st = ws->st;
-	Datum	   *values;
-	bool	   *nulls;
 
-	slot_getallattrs(slot);
-	values = slot->tts_values;
-	nulls = slot->tts_isnull;
 	ws->rows++;
 	ws->pos_txid = consume_keep8(values[LC_TXID - 1], st->ctx);
 	ws->pos_id = consume_keep8(values[LC_ID - 1], st->ctx);
@@ -680,6 +674,13 @@ window_scan_receive(TupleTableSlot *slot, DestReceiver *self)
 	return true;
 }
 
+static bool
+window_scan_receive(TupleTableSlot *slot, DestReceiver *self)
+{
+	slot_getallattrs(slot);
+	return window_scan_row((WindowScan *) self, slot->tts_values, slot->tts_isnull);
+}
+
 static void
 window_scan_startup(DestReceiver *self, int operation, TupleDesc typeinfo)
 {
@@ -692,8 +693,38 @@ window_scan_noop(DestReceiver *self)
 }
 
 /*
- * claim_window scans one query of the current window (plan_xip, plan_band
- * or plan_idscan) for up to `limit` events after the position, emitting
+ * claim_window_done ends a window scan: the delayed events it met become
+ * retry rows, and the position moves to the last row it received.
+ * Returns the number of rows received.
+ */
+static int
+claim_window_done(ClaimState *st, WindowScan *ws, int lane,
+				  Datum *pos_txid, Datum *pos_id, bool *stopped)
+{
+	int			i;
+
+	for (i = 0; i < ws->ndelayed; i++)
+	{
+		Datum		dvalues[5];
+
+		dvalues[0] = Int32GetDatum(st->sub->sub_id);
+		dvalues[1] = ws->delayed[i * 3];
+		dvalues[2] = ws->delayed[i * 3 + 1];
+		dvalues[3] = Int32GetDatum(lane);
+		dvalues[4] = ws->delayed[i * 3 + 2];
+		EventboxExecPlan(plan_delay, dvalues, NULL, SPI_OK_INSERT, "delayed event");
+	}
+
+	*pos_txid = ws->pos_txid;
+	*pos_id = ws->pos_id;
+	if (ws->stopped)
+		*stopped = true;
+	return ws->rows;
+}
+
+/*
+ * claim_window scans one query of the current window (plan_idscan, the
+ * window of an ordered lane) for up to `limit` events after the position, emitting
  * them and moving the position.  An event whose deliver_at lies ahead
  * becomes a delayed retry instead; in an ordered lane it also stops the
  * lane.  Returns the number of rows the query returned; *stopped tells
@@ -736,24 +767,7 @@ claim_window(ClaimState *st, SPIPlanPtr plan, Datum *args, int lane,
 	rc = SPI_execute_plan_extended(plan, &options);
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "eventbox: window scan failed: %s", SPI_result_code_string(rc));
-
-	for (i = 0; i < ws.ndelayed; i++)
-	{
-		Datum		dvalues[5];
-
-		dvalues[0] = Int32GetDatum(st->sub->sub_id);
-		dvalues[1] = ws.delayed[i * 3];
-		dvalues[2] = ws.delayed[i * 3 + 1];
-		dvalues[3] = Int32GetDatum(lane);
-		dvalues[4] = ws.delayed[i * 3 + 2];
-		EventboxExecPlan(plan_delay, dvalues, NULL, SPI_OK_INSERT, "delayed event");
-	}
-
-	*pos_txid = ws.pos_txid;
-	*pos_id = ws.pos_id;
-	if (ws.stopped)
-		*stopped = true;
-	return ws.rows;
+	return claim_window_done(st, &ws, lane, pos_txid, pos_id, stopped);
 }
 
 /*
@@ -770,74 +784,136 @@ typedef struct ConsumeSnapshot
 	uint64		xip[FLEXIBLE_ARRAY_MEMBER];
 } ConsumeSnapshot;
 
-/*
- * consume_snapshot_xip returns the in-progress transactions of a
- * pg_snapshot from `from` on, in ascending order, without a query.
- */
-static uint64 *
-consume_snapshot_xip(Datum snap, uint64 from, int *n)
+/* a pg_snapshot value, detoasted (a short varlena header becomes long) */
+static ConsumeSnapshot *
+consume_snapshot(Datum snap)
 {
 	ConsumeSnapshot *s = (ConsumeSnapshot *) PG_DETOAST_DATUM(snap);
-	uint64	   *out;
-	uint32		i;
 
 	if (VARSIZE(s) != offsetof(ConsumeSnapshot, xip) + sizeof(uint64) * s->nxip)
 		elog(ERROR, "eventbox: unexpected pg_snapshot layout");
-	out = palloc(sizeof(uint64) * Max(s->nxip, 1));
-	*n = 0;
-	for (i = 0; i < s->nxip; i++)
-		if (s->xip[i] >= from)
-			out[(*n)++] = s->xip[i];
-	return out;
+	return s;
+}
+
+static int
+consume_uint64_cmp(const void *a, const void *b)
+{
+	uint64		x = *(const uint64 *) a;
+	uint64		y = *(const uint64 *) b;
+
+	return x < y ? -1 : x > y ? 1 : 0;
+}
+
+/* pg_visible_in_snapshot(xid, snapshot), without a function call */
+static bool
+consume_visible(const ConsumeSnapshot *s, uint64 xid)
+{
+	if (xid < s->xmin)
+		return true;
+	if (xid >= s->xmax)
+		return false;
+	return bsearch(&xid, s->xip, s->nxip, sizeof(uint64), consume_uint64_cmp) == NULL;
 }
 
 /*
- * claim_window_xip reads the in-progress part of a window: for each xid in
- * the cursor snapshot's in-progress list at or after the position, in
- * order, the events of that transaction after the position.  Returns the
- * number of rows read, like claim_window; stops when `limit` rows were
- * read or the lane was stopped.
+ * consume_type_matches is eventbox._type_matches(event_type, regex), with
+ * the function's memo of recent answers kept across claims.
+ */
+static bool
+consume_type_matches(Datum type, Datum regex)
+{
+	static FmgrInfo flinfo;
+
+	if (flinfo.fn_addr == NULL)
+	{
+		flinfo.fn_nargs = 2;
+		flinfo.fn_strict = true;
+		flinfo.fn_mcxt = TopMemoryContext;
+		flinfo.fn_addr = eventbox_type_matches;
+	}
+	/* the collation of the log's event_type column */
+	return DatumGetBool(FunctionCall2Coll(&flinfo, DEFAULT_COLLATION_OID, type, regex));
+}
+
+/* the window filter of unordered lanes, for rows of a direct scan */
+static bool
+window_log_receive(void *arg, Datum *values, bool *nulls)
+{
+	WindowScan *ws = (WindowScan *) arg;
+	ClaimState *st = ws->st;
+
+	if (!consume_visible(ws->target, DatumGetUInt64(values[LC_TXID - 1])))
+		return true;
+	if (st->sub->type_regex != (Datum) 0 &&
+		!consume_type_matches(values[LC_TYPE - 1], st->sub->type_regex))
+		return true;
+	if (!window_scan_row(ws, values, nulls))
+		return false;
+	return ws->rows < ws->limit;
+}
+
+/*
+ * claim_window_unordered reads up to `limit` events of an unordered lane's
+ * window after the position, in (txid, id) order, with direct index scans
+ * of the log (logscan.c), and moves the position.  The window's events are
+ * those of transactions visible in the target and not in the cursor
+ * snapshot: transactions in the cursor snapshot's in-progress list that
+ * the target sees (read one transaction at a time, in xid order), then the
+ * band of xids from the cursor snapshot's xmax to the target's.  Every xid
+ * in the list is below the band, so one position covers both parts.
+ * Returns the number of rows read, like claim_window.
  */
 static int
-claim_window_xip(ClaimState *st, Datum *args, int lane,
-				 Datum *pos_txid, Datum *pos_id, bool *stopped)
+claim_window_unordered(ClaimState *st, Datum snap, Datum target, int lane,
+					   int limit, Datum *pos_txid, Datum *pos_id, bool *stopped)
 {
-	int			nxips;
-	uint64	   *xips;
-	Datum	   *visible;
-	int			nvisible = 0;
-	int			i;
-	bool		inside;
-	Datum		xargs[9];
+	ConsumeSnapshot *from = consume_snapshot(snap);
+	uint64		at_txid = DatumGetUInt64(*pos_txid);
+	int64		at_id = DatumGetInt64(*pos_id);
+	EventboxLogScan *ls;
+	WindowScan	ws;
+	uint32		i;
 
-	xips = consume_snapshot_xip(args[0], DatumGetUInt64(*pos_txid), &nxips);
-	if (nxips == 0)
-		return 0;
+	Assert(st->sub->lanes == 1);
+	memset(&ws, 0, sizeof(ws));
+	ws.st = st;
+	ws.pos_txid = *pos_txid;
+	ws.pos_id = *pos_id;
+	ws.limit = limit;
+	ws.target = consume_snapshot(target);
+
+	/* opened after the target was taken: its snapshot sees all the target does */
+	ls = EventboxLogScanBegin();
 
 	/*
-	 * A transaction still in progress in the target snapshot has nothing in
-	 * this window (the query's visibility filter would drop its rows): leave
-	 * it out.  Under many concurrent publishers most of the in-progress list
-	 * is such transactions.  The others are read with one query: starting
-	 * an executor over the partitions and their indexes costs more than
-	 * reading a few events, and a cycle used to start one per transaction.
+	 * A transaction of the list that the target still sees in progress has
+	 * nothing in this window; under many concurrent publishers that is most
+	 * of the list, and it costs no scan.
 	 */
-	visible = palloc(sizeof(Datum) * nxips);
-	for (i = 0; i < nxips; i++)
-		if (DatumGetBool(DirectFunctionCall2(pg_visible_in_snapshot,
-											 UInt64GetDatum(xips[i]), args[3])))
-			visible[nvisible++] = UInt64GetDatum(xips[i]);
-	if (nvisible == 0)
-		return 0;
+	for (i = 0; i < from->nxip && ws.rows < limit && !ws.stopped; i++)
+	{
+		uint64		xid = from->xip[i];
 
-	memcpy(xargs, args, sizeof(Datum) * 8);
-	xargs[1] = PointerGetDatum(construct_array(visible, nvisible, XID8OID, sizeof(uint64),
-											   FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
-	/* inside the position's own transaction, continue after it */
-	inside = (DatumGetUInt64(visible[0]) == DatumGetUInt64(*pos_txid));
-	xargs[2] = inside ? *pos_id : Int64GetDatum(0);
-	xargs[8] = inside ? *pos_txid : UInt64GetDatum(0);
-	return claim_window(st, plan_xip, xargs, lane, pos_txid, pos_id, stopped);
+		if (xid < at_txid || !consume_visible(ws.target, xid))
+			continue;
+		/* inside the position's own transaction, continue after it */
+		EventboxLogScanRange(ls, xid, xid == at_txid ? at_id : PG_INT64_MIN, xid + 1,
+							 window_log_receive, &ws);
+	}
+
+	if (ws.rows < limit && !ws.stopped)
+	{
+		uint64		txid = DatumGetUInt64(ws.pos_txid);
+
+		if (txid < from->xmax)
+			EventboxLogScanRange(ls, from->xmax, PG_INT64_MIN, ws.target->xmax,
+								 window_log_receive, &ws);
+		else
+			EventboxLogScanRange(ls, txid, DatumGetInt64(ws.pos_id), ws.target->xmax,
+								 window_log_receive, &ws);
+	}
+	EventboxLogScanEnd(ls);
+	return claim_window_done(st, &ws, lane, pos_txid, pos_id, stopped);
 }
 
 /*
@@ -1025,30 +1101,8 @@ claim_lane(ClaimState *st, int lane, CursorPos *cur)
 		if (st->sub->ordered)
 			got = claim_window(st, plan_idscan, args, lane, &pos_txid, &pos_id, &stopped);
 		else
-			got = claim_window_xip(st, args, lane, &pos_txid, &pos_id, &stopped);
-		if (!st->sub->ordered && !stopped && got < limit)
-		{
-			uint64		band_start = DatumGetUInt64(DirectFunctionCall1(pg_snapshot_xmax, snap));
-
-			/*
-			 * One row comparison as the band's lower bound: btree cannot
-			 * tell whether "txid >= xmax" or "(txid, id) > pos" is tighter
-			 * and starts at the row comparison, which at a window's start
-			 * is the beginning of the index.
-			 */
-			if (DatumGetUInt64(pos_txid) < band_start)
-			{
-				args[1] = UInt64GetDatum(band_start);
-				args[2] = Int64GetDatum(-1);
-			}
-			else
-			{
-				args[1] = pos_txid;
-				args[2] = pos_id;
-			}
-			args[7] = Int64GetDatum(limit - got);
-			got += claim_window(st, plan_band, args, lane, &pos_txid, &pos_id, &stopped);
-		}
+			got = claim_window_unordered(st, snap, target, lane, limit,
+										 &pos_txid, &pos_id, &stopped);
 		st->read += got;
 		if (got > 0)
 			moved = true;
@@ -1201,31 +1255,6 @@ consume_prepare_claim_plans(void)
 										  " WHERE id = ANY($1) ORDER BY txid, id",
 										  1, types);
 	}
-	/*
-	 * The in-progress part of a window is read one transaction at a time,
-	 * in xid order: an index scan for txid = ANY(...) returns rows
-	 * unordered in PostgreSQL 15, so a LIMIT would sort a whole large
-	 * transaction on every claim.  $1 is unused here ($2 is the xid).
-	 */
-	{
-		Oid			types[9] = {PG_SNAPSHOTOID, XID8ARRAYOID, INT8OID, PG_SNAPSHOTOID,
-		TEXTOID, INT4OID, INT4OID, INT8OID, XID8OID};
-
-		/* $2: the transactions, $9 and $3: the position to continue after */
-		plan_xip = EventboxPreparePlan(
-									   "SELECT " LOG_COLUMNS " FROM eventbox.log"
-									   " WHERE txid = ANY($2) AND (txid, id) > ($9, $3)"
-									   " AND $1 IS NOT NULL"
-									   WINDOW_FILTER,
-									   9, types);
-	}
-	plan_band = EventboxPreparePlan(
-									"SELECT " LOG_COLUMNS " FROM eventbox.log"
-									" WHERE txid >= pg_catalog.pg_snapshot_xmax($1)"
-									" AND txid < pg_catalog.pg_snapshot_xmax($4)"
-									" AND (txid, id) > ($2, $3)"
-									WINDOW_FILTER,
-									8, t_window);
 	{
 		Oid			types[2] = {PG_SNAPSHOTOID, PG_SNAPSHOTOID};
 

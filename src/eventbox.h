@@ -126,6 +126,16 @@ extern void EventboxCompactCursors(void);
 /* deliver.c */
 extern TimestampTz EventboxDeliver(int batch, uint64 *forwarded);
 
+/* logscan.c: rows are handed out as id, txid, event_id, event_type,
+ * aggregate_type, aggregate_id, payload, headers, occurred_at, deliver_at */
+#define EVENTBOX_LOGSCAN_NATTS 10
+typedef struct EventboxLogScan EventboxLogScan;
+typedef bool (*EventboxLogReceive) (void *arg, Datum *values, bool *isnull);
+extern EventboxLogScan *EventboxLogScanBegin(void);
+extern void EventboxLogScanRange(EventboxLogScan *ls, uint64 lo_txid, int64 lo_id,
+								 uint64 hi_txid, EventboxLogReceive receive, void *arg);
+extern void EventboxLogScanEnd(EventboxLogScan *ls);
+
 /* launcher.c, worker.c */
 extern bool EventboxIsWorker;
 extern void EventboxRequestWriteBack(void);
@@ -140,6 +150,7 @@ extern void EventboxRegisterDatabase(void);
 extern void EventboxGenerateUuidV7(pg_uuid_t *uuid);
 
 /* routing.c */
+extern PGDLLEXPORT Datum eventbox_type_matches(PG_FUNCTION_ARGS);
 extern void EventboxCheckEventType(const char *type, int len);
 extern int	EventboxLaneOf(const char *aggregate_type, int atlen,
 						   const char *aggregate_id, int aidlen,
