@@ -81,7 +81,7 @@ struct EventboxLogScan
 {
 	Relation	parent;
 	Snapshot	snapshot;
-	int			nparts;			/* partitions that have rows */
+	int			nparts;
 	LogScanPart parts[LOGSCAN_MAX_PARTS];
 };
 
@@ -156,7 +156,7 @@ logscan_open_index(Relation heap)
 /*
  * EventboxLogScanBegin opens the log and its partitions for reading, with
  * the locks a SELECT takes (held to the end of the transaction), under a
- * snapshot taken now.  In READ COMMITTED that is a new snapshot, as each
+ * snapshot taken after the locks were granted.  In READ COMMITTED that is a new snapshot, as each
  * statement of a claim got one: it sees every transaction that a window
  * target taken before this call sees.
  */
@@ -179,29 +179,16 @@ EventboxLogScanBegin(void)
 		elog(ERROR, "eventbox: eventbox.log has %d partitions, at most %d are supported",
 			 pd->nparts, LOGSCAN_MAX_PARTS);
 
-	/*
-	 * The snapshot before the partitions' lengths: a transaction that this
-	 * snapshot sees committed extended its partition before that.
-	 */
-	ls->snapshot = RegisterSnapshot(GetTransactionSnapshot());
-
 	for (i = 0; i < pd->nparts; i++)
 	{
-		Relation	heap = table_open(pd->oids[i], AccessShareLock);
-		LogScanPart *p;
+		LogScanPart *p = &ls->parts[ls->nparts++];
 
-		/* an empty partition (truncated by rotation) costs no scan */
-		if (RelationGetNumberOfBlocks(heap) == 0)
-		{
-			table_close(heap, NoLock);
-			continue;
-		}
-		logscan_check_columns(heap);
-		p = &ls->parts[ls->nparts++];
-		p->heap = heap;
-		p->index = logscan_open_index(heap);
-		p->slot = table_slot_create(heap, NULL);
+		p->heap = table_open(pd->oids[i], AccessShareLock);
+		logscan_check_columns(p->heap);
+		p->index = logscan_open_index(p->heap);
+		p->slot = table_slot_create(p->heap, NULL);
 	}
+	ls->snapshot = RegisterSnapshot(GetTransactionSnapshot());
 	return ls;
 }
 

@@ -584,24 +584,6 @@ EventboxWorkerMain(Datum main_arg)
 		if (!eventbox_enabled)
 			break;
 
-		/*
-		 * Pacing: while events arrive faster than one per
-		 * eventbox.cycle_delay on average (over the last second), a cycle
-		 * starts no sooner than the pacing interval after the previous one
-		 * started, so that the commits arriving in between are forwarded
-		 * together.  The interval is cycle_delay at that rate and grows with
-		 * the rate, up to PACE_MAX_FACTOR times cycle_delay: the cycles per
-		 * second, and so the worker's CPU spent on them, stop growing with
-		 * the commit rate.  Slower streams are forwarded at once, and a
-		 * backlog (full batches) is worked off without pause.
-		 */
-		if (pace > 0 && !backlog && cycle_started != 0)
-		{
-			int64		wait = cycle_started + pace - GetCurrentTimestamp();
-
-			if (wait > 0 && wait <= pace)
-				pg_usleep((long) wait);
-		}
 		cycle_started = GetCurrentTimestamp();
 
 		old = MemoryContextSwitchTo(cyclectx);
@@ -669,6 +651,36 @@ EventboxWorkerMain(Datum main_arg)
 			ereport(LOG, (errmsg("eventbox worker serving database \"%s\"",
 								 worker_dbname)));
 			served = true;
+		}
+
+		/*
+		 * Pacing: while events arrive faster than one per
+		 * eventbox.cycle_delay on average (over the last second), a cycle
+		 * starts no sooner than the pacing interval after the previous one
+		 * started, so that the commits arriving in between are forwarded
+		 * together.  The interval is cycle_delay at that rate and grows with
+		 * the rate, up to PACE_MAX_FACTOR times cycle_delay: the cycles per
+		 * second, and so the worker's CPU spent on them, stop growing with
+		 * the commit rate.  Slower streams are forwarded at once, and a
+		 * backlog (full batches) is worked off without pause.
+		 *
+		 * The worker sleeps out the interval before it waits on its latch,
+		 * not in the wait: a commit that sets the latch of a worker waiting
+		 * on it signals the process (kill(), in the publisher's commit),
+		 * while one that sets the latch of a worker that is not waiting only
+		 * writes a flag.  Sleeping first, the commits of the interval find
+		 * the worker not waiting, and the wait below returns at once (its
+		 * timeout is reckoned from the end of the sleep).  Measured with one
+		 * publishing client and synchronous_commit on (about 2,400 commits
+		 * a second): kill() calls of the publisher and the worker went from
+		 * about 400 to about 110 a second.
+		 */
+		if (ok && pace > 0 && !backlog)
+		{
+			int64		wait = cycle_started + pace - GetCurrentTimestamp();
+
+			if (wait > 0 && wait <= pace)
+				pg_usleep((long) wait);
 		}
 
 		if (ok)
