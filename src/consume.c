@@ -123,6 +123,10 @@ enum
 	LC_HEADERS, LC_OCCURRED, LC_DELIVER
 };
 
+/* the direct log scans hand out rows in the same order */
+StaticAssertDecl(LC_DELIVER == EVENTBOX_LOGSCAN_NATTS,
+				 "LOG_COLUMNS does not match logscan.c");
+
 
 static SPIPlanPtr plan_sub = NULL;
 static SPIPlanPtr plan_expire = NULL;
@@ -139,8 +143,6 @@ static SPIPlanPtr plan_retry_due = NULL;
 static SPIPlanPtr plan_retry_lane = NULL;
 static SPIPlanPtr plan_retry_take = NULL;
 static SPIPlanPtr plan_events = NULL;
-static SPIPlanPtr plan_window_min = NULL;
-static SPIPlanPtr plan_idscan = NULL;
 static SPIPlanPtr plan_delay = NULL;
 static SPIPlanPtr plan_batch = NULL;
 static SPIPlanPtr plan_cursor = NULL;
@@ -597,21 +599,20 @@ claim_retries_lane(ClaimState *st, int lane)
 }
 
 /*
- * A window scan's rows go from the executor straight to the claim's result
- * through this receiver, instead of being copied into an SPI tuple table
- * first: that copy was as costly as the result's own.  Events whose
- * deliver_at lies ahead are only noted here (no statement can run while the
- * scan's executor does); claim_window turns them into delayed retries.
+ * A window scan's rows go from the log straight to the claim's result
+ * (logscan.c).  Events whose deliver_at lies ahead are only noted during the
+ * scan; claim_window_done turns them into delayed retries.
  */
 typedef struct WindowScan
 {
-	DestReceiver pub;
 	ClaimState *st;
 	Datum		pos_txid;		/* the last row received */
 	Datum		pos_id;
 	int			rows;			/* rows received */
-	int			limit;			/* direct scans: stop after this many rows */
-	struct ConsumeSnapshot *target; /* direct scans: the window's target */
+	int			limit;			/* stop after this many rows */
+	struct ConsumeSnapshot *from;	/* the cursor snapshot (window start) */
+	struct ConsumeSnapshot *target; /* the window's target */
+	int			lane;
 	bool		stopped;		/* an ordered lane met a delayed event */
 	int			ndelayed;
 	int			maxdelayed;
@@ -674,24 +675,6 @@ window_scan_row(WindowScan *ws, Datum *values, bool *nulls)
 	return true;
 }
 
-static bool
-window_scan_receive(TupleTableSlot *slot, DestReceiver *self)
-{
-	slot_getallattrs(slot);
-	return window_scan_row((WindowScan *) self, slot->tts_values, slot->tts_isnull);
-}
-
-static void
-window_scan_startup(DestReceiver *self, int operation, TupleDesc typeinfo)
-{
-	Assert(typeinfo->natts == LC_DELIVER);
-}
-
-static void
-window_scan_noop(DestReceiver *self)
-{
-}
-
 /*
  * claim_window_done ends a window scan: the delayed events it met become
  * retry rows, and the position moves to the last row it received.
@@ -720,54 +703,6 @@ claim_window_done(ClaimState *st, WindowScan *ws, int lane,
 	if (ws->stopped)
 		*stopped = true;
 	return ws->rows;
-}
-
-/*
- * claim_window scans one query of the current window (plan_idscan, the
- * window of an ordered lane) for up to `limit` events after the position, emitting
- * them and moving the position.  An event whose deliver_at lies ahead
- * becomes a delayed retry instead; in an ordered lane it also stops the
- * lane.  Returns the number of rows the query returned; *stopped tells
- * whether the lane was stopped.
- */
-static int
-claim_window(ClaimState *st, SPIPlanPtr plan, Datum *args, int lane,
-			 Datum *pos_txid, Datum *pos_id, bool *stopped)
-{
-	WindowScan	ws;
-	SPIExecuteOptions options;
-	int			nargs = SPI_getargcount(plan);
-	int			rc;
-	int			i;
-
-	memset(&ws, 0, sizeof(ws));
-	ws.pub.receiveSlot = window_scan_receive;
-	ws.pub.rStartup = window_scan_startup;
-	ws.pub.rShutdown = window_scan_noop;
-	ws.pub.rDestroy = window_scan_noop;
-	ws.pub.mydest = DestTuplestore;
-	ws.st = st;
-	ws.pos_txid = *pos_txid;
-	ws.pos_id = *pos_id;
-
-	memset(&options, 0, sizeof(options));
-	options.params = makeParamList(nargs);
-	for (i = 0; i < nargs; i++)
-	{
-		ParamExternData *prm = &options.params->params[i];
-
-		prm->value = args[i];
-		/* $5, the type filter, is null when every type matches */
-		prm->isnull = (i == 4 && st->sub->type_regex == (Datum) 0);
-		prm->pflags = PARAM_FLAG_CONST;
-		prm->ptype = SPI_getargtypeid(plan, i);
-	}
-	options.dest = &ws.pub;
-
-	rc = SPI_execute_plan_extended(plan, &options);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "eventbox: window scan failed: %s", SPI_result_code_string(rc));
-	return claim_window_done(st, &ws, lane, pos_txid, pos_id, stopped);
 }
 
 /*
@@ -835,21 +770,51 @@ consume_type_matches(Datum type, Datum regex)
 	return DatumGetBool(FunctionCall2Coll(&flinfo, DEFAULT_COLLATION_OID, type, regex));
 }
 
-/* the window filter of unordered lanes, for rows of a direct scan */
+/*
+ * window_take ends the filter of a direct scan's receiver: a row of the
+ * window whose type the subscription takes goes to window_scan_row.
+ * Returns whether the scan goes on.
+ */
 static bool
-window_log_receive(void *arg, Datum *values, bool *nulls)
+window_take(WindowScan *ws, Datum *values, bool *nulls)
 {
-	WindowScan *ws = (WindowScan *) arg;
 	ClaimState *st = ws->st;
 
-	if (!consume_visible(ws->target, DatumGetUInt64(values[LC_TXID - 1])))
-		return true;
 	if (st->sub->type_regex != (Datum) 0 &&
 		!consume_type_matches(values[LC_TYPE - 1], st->sub->type_regex))
 		return true;
 	if (!window_scan_row(ws, values, nulls))
 		return false;
 	return ws->rows < ws->limit;
+}
+
+/*
+ * window_scan_init sets up a direct scan of the window from snap to target
+ * after the position, for up to `limit` rows.
+ */
+static void
+window_scan_init(WindowScan *ws, ClaimState *st, Datum snap, Datum target,
+				 int lane, int limit, Datum pos_txid, Datum pos_id)
+{
+	memset(ws, 0, sizeof(WindowScan));
+	ws->st = st;
+	ws->pos_txid = pos_txid;
+	ws->pos_id = pos_id;
+	ws->limit = limit;
+	ws->from = consume_snapshot(snap);
+	ws->target = consume_snapshot(target);
+	ws->lane = lane;
+}
+
+/* the window filter of unordered lanes, for rows of a direct scan */
+static bool
+window_log_receive(void *arg, Datum *values, bool *nulls)
+{
+	WindowScan *ws = (WindowScan *) arg;
+
+	if (!consume_visible(ws->target, DatumGetUInt64(values[LC_TXID - 1])))
+		return true;
+	return window_take(ws, values, nulls);
 }
 
 /*
@@ -867,23 +832,19 @@ static int
 claim_window_unordered(ClaimState *st, Datum snap, Datum target, int lane,
 					   int limit, Datum *pos_txid, Datum *pos_id, bool *stopped)
 {
-	ConsumeSnapshot *from = consume_snapshot(snap);
 	uint64		at_txid = DatumGetUInt64(*pos_txid);
 	int64		at_id = DatumGetInt64(*pos_id);
+	ConsumeSnapshot *from;
 	EventboxLogScan *ls;
 	WindowScan	ws;
 	uint32		i;
 
 	Assert(st->sub->lanes == 1);
-	memset(&ws, 0, sizeof(ws));
-	ws.st = st;
-	ws.pos_txid = *pos_txid;
-	ws.pos_id = *pos_id;
-	ws.limit = limit;
-	ws.target = consume_snapshot(target);
+	window_scan_init(&ws, st, snap, target, lane, limit, *pos_txid, *pos_id);
+	from = ws.from;
 
 	/* opened after the target was taken: its snapshot sees all the target does */
-	ls = EventboxLogScanBegin();
+	ls = EventboxLogScanBegin(false);
 
 	/*
 	 * A transaction of the list that the target still sees in progress has
@@ -914,6 +875,127 @@ claim_window_unordered(ClaimState *st, Datum snap, Datum target, int lane,
 	}
 	EventboxLogScanEnd(ls);
 	return claim_window_done(st, &ws, lane, pos_txid, pos_id, stopped);
+}
+
+/* the window filter of ordered lanes, for rows of an id-ordered scan */
+static bool
+window_ordered_receive(void *arg, Datum *values, bool *nulls)
+{
+	WindowScan *ws = (WindowScan *) arg;
+	ClaimState *st = ws->st;
+	uint64		txid = DatumGetUInt64(values[LC_TXID - 1]);
+
+	/*
+	 * In the window: in the cursor snapshot's in-progress list or in the
+	 * band after it, and seen by the target.
+	 */
+	if (txid >= ws->from->xmax ? txid >= ws->target->xmax :
+		bsearch(&txid, ws->from->xip, ws->from->nxip, sizeof(uint64),
+				consume_uint64_cmp) == NULL)
+		return true;
+	if (!consume_visible(ws->target, txid))
+		return true;
+	if (nulls[LC_ATYPE - 1] || nulls[LC_AID - 1])
+	{
+		if (EventboxLaneOf(NULL, 0, NULL, 0, DatumGetInt64(values[LC_ID - 1]),
+						   st->sub->lanes) != ws->lane)
+			return true;
+	}
+	else
+	{
+		text	   *at = DatumGetTextPP(values[LC_ATYPE - 1]);
+		text	   *aid = DatumGetTextPP(values[LC_AID - 1]);
+
+		if (EventboxLaneOf(VARDATA_ANY(at), VARSIZE_ANY_EXHDR(at),
+						   VARDATA_ANY(aid), VARSIZE_ANY_EXHDR(aid),
+						   DatumGetInt64(values[LC_ID - 1]), st->sub->lanes) != ws->lane)
+			return true;
+	}
+	return window_take(ws, values, nulls);
+}
+
+/*
+ * claim_window_ordered reads up to `limit` events of an ordered lane's
+ * window after the position, in id order, through each partition's (id)
+ * index, and moves the position.  The scan passes over the events of other
+ * lanes and of later windows; a delayed event stops it (section 6 of
+ * docs/design.md).  Returns the number of rows read, like
+ * claim_window_unordered.
+ */
+static int
+claim_window_ordered(ClaimState *st, Datum snap, Datum target, int lane,
+					 int limit, Datum *pos_txid, Datum *pos_id, bool *stopped)
+{
+	EventboxLogScan *ls;
+	WindowScan	ws;
+
+	window_scan_init(&ws, st, snap, target, lane, limit, *pos_txid, *pos_id);
+
+	/* opened after the target was taken: its snapshot sees all the target does */
+	ls = EventboxLogScanBegin(true);
+	EventboxLogScanIds(ls, DatumGetInt64(*pos_id), window_ordered_receive, &ws);
+	EventboxLogScanEnd(ls);
+	return claim_window_done(st, &ws, lane, pos_txid, pos_id, stopped);
+}
+
+/* the lowest id of a window (see claim_window_first) */
+typedef struct WindowFirst
+{
+	ConsumeSnapshot *target;
+	bool		found;
+	int64		id;
+	bool		one;			/* the first row of a transaction is enough */
+} WindowFirst;
+
+static bool
+window_first_receive(void *arg, Datum *values, bool *nulls)
+{
+	WindowFirst *wf = (WindowFirst *) arg;
+	int64		id = DatumGetInt64(values[LC_ID - 1]);
+
+	if (!consume_visible(wf->target, DatumGetUInt64(values[LC_TXID - 1])))
+		return true;
+	if (!wf->found || id < wf->id)
+	{
+		wf->found = true;
+		wf->id = id;
+	}
+	return !wf->one;
+}
+
+/*
+ * claim_window_first finds the lowest id among the events of the window
+ * from snap to target (of any type and lane), where an ordered lane's walk
+ * in id order starts.  Returns false when the window has no events.  For a
+ * transaction of the cursor snapshot's in-progress list that is its first
+ * row in (txid, id) order; the band is read whole, since the lowest id may
+ * belong to any of its transactions.  Either way only the window's own
+ * index entries are read.  (The statement this replaced, min(id) with the
+ * window as a filter, was planned as a walk of log_id_idx from the log's
+ * lowest id: with 7.6 million events retained, 27 s for each new window.)
+ */
+static bool
+claim_window_first(Datum snap, Datum target, int64 *first)
+{
+	ConsumeSnapshot *from = consume_snapshot(snap);
+	EventboxLogScan *ls;
+	WindowFirst wf;
+	uint32		i;
+
+	memset(&wf, 0, sizeof(wf));
+	wf.target = consume_snapshot(target);
+	ls = EventboxLogScanBegin(false);
+	wf.one = true;
+	for (i = 0; i < from->nxip; i++)
+		if (consume_visible(wf.target, from->xip[i]))
+			EventboxLogScanRange(ls, from->xip[i], PG_INT64_MIN, from->xip[i] + 1,
+								 window_first_receive, &wf);
+	wf.one = false;
+	EventboxLogScanRange(ls, from->xmax, PG_INT64_MIN, wf.target->xmax,
+						 window_first_receive, &wf);
+	EventboxLogScanEnd(ls);
+	*first = wf.id;
+	return wf.found;
 }
 
 /*
@@ -1024,7 +1106,6 @@ claim_lease_taken(TimestampTz leased_until)
 static bool
 claim_lane(ClaimState *st, int lane, CursorPos *cur)
 {
-	bool		isnull;
 	Datum		snap = cur->snap;
 	Datum		target = cur->target;
 	Datum		pos_txid = cur->pos_txid;
@@ -1045,7 +1126,6 @@ claim_lane(ClaimState *st, int lane, CursorPos *cur)
 
 	while (!stopped && st->want > 0 && windows < 4)
 	{
-		Datum		args[8];
 		int			limit;
 		int			got;
 
@@ -1069,14 +1149,10 @@ claim_lane(ClaimState *st, int lane, CursorPos *cur)
 			 */
 			if (st->sub->ordered)
 			{
-				Datum		margs[2];
+				int64		first;
 
-				margs[0] = snap;
-				margs[1] = target;
-				EventboxExecPlan(plan_window_min, margs, NULL, SPI_OK_SELECT, "window start");
 				pos_txid = FullTransactionIdGetDatum(FullTransactionIdFromU64(0));
-				pos_id = consume_col(0, 1, &isnull);
-				if (isnull)
+				if (!claim_window_first(snap, target, &first))
 				{
 					snap = target;
 					target_null = true;
@@ -1084,22 +1160,15 @@ claim_lane(ClaimState *st, int lane, CursorPos *cur)
 					windows++;
 					continue;
 				}
-				pos_id = Int64GetDatum(DatumGetInt64(pos_id) - 1);
+				pos_id = Int64GetDatum(first - 1);
 			}
 		}
 
 		limit = st->want;
-		args[0] = snap;
-		args[1] = pos_txid;
-		args[2] = pos_id;
-		args[3] = target;
-		args[4] = st->sub->type_regex;
-		args[5] = Int32GetDatum(st->sub->lanes);
-		args[6] = Int32GetDatum(lane);
-		args[7] = Int64GetDatum(limit);
 
 		if (st->sub->ordered)
-			got = claim_window(st, plan_idscan, args, lane, &pos_txid, &pos_id, &stopped);
+			got = claim_window_ordered(st, snap, target, lane, limit,
+									   &pos_txid, &pos_id, &stopped);
 		else
 			got = claim_window_unordered(st, snap, target, lane, limit,
 										 &pos_txid, &pos_id, &stopped);
@@ -1166,8 +1235,6 @@ static void
 consume_prepare_claim_plans(void)
 {
 	Oid			t_sub_lane[2] = {INT4OID, INT4OID};
-	Oid			t_window[8] = {PG_SNAPSHOTOID, XID8OID, INT8OID, PG_SNAPSHOTOID,
-	TEXTOID, INT4OID, INT4OID, INT8OID};
 
 	if (plan_cursor != NULL)
 		return;
@@ -1255,31 +1322,6 @@ consume_prepare_claim_plans(void)
 										  " WHERE id = ANY($1) ORDER BY txid, id",
 										  1, types);
 	}
-	{
-		Oid			types[2] = {PG_SNAPSHOTOID, PG_SNAPSHOTOID};
-
-		plan_window_min = EventboxPreparePlan(
-											  "SELECT LEAST("
-											  " (SELECT min(id) FROM eventbox.log"
-											  "  WHERE txid = ANY(ARRAY(SELECT pg_catalog.pg_snapshot_xip($1)))"
-											  "  AND pg_catalog.pg_visible_in_snapshot(txid, $2)),"
-											  " (SELECT min(id) FROM eventbox.log"
-											  "  WHERE txid >= pg_catalog.pg_snapshot_xmax($1)"
-											  "  AND txid < pg_catalog.pg_snapshot_xmax($2)"
-											  "  AND pg_catalog.pg_visible_in_snapshot(txid, $2)))",
-											  2, types);
-	}
-	plan_idscan = EventboxPreparePlan(
-									  "SELECT " LOG_COLUMNS " FROM eventbox.log"
-									  " WHERE id > $3 AND $2 IS NOT NULL"
-									  " AND (txid = ANY(ARRAY(SELECT pg_catalog.pg_snapshot_xip($1)))"
-									  "      OR (txid >= pg_catalog.pg_snapshot_xmax($1)"
-									  "          AND txid < pg_catalog.pg_snapshot_xmax($4)))"
-									  " AND pg_catalog.pg_visible_in_snapshot(txid, $4)"
-									  " AND ($5::text IS NULL OR eventbox._type_matches(event_type, $5))"
-									  " AND ($6 = 1 OR eventbox._lane(aggregate_type, aggregate_id, id, $6) = $7)"
-									  " ORDER BY id LIMIT $8",
-									  8, t_window);
 	{
 		Oid			types[2] = {INT4OID, INT8ARRAYOID};
 

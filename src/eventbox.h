@@ -131,9 +131,11 @@ extern TimestampTz EventboxDeliver(int batch, uint64 *forwarded);
 #define EVENTBOX_LOGSCAN_NATTS 10
 typedef struct EventboxLogScan EventboxLogScan;
 typedef bool (*EventboxLogReceive) (void *arg, Datum *values, bool *isnull);
-extern EventboxLogScan *EventboxLogScanBegin(void);
+extern EventboxLogScan *EventboxLogScanBegin(bool by_id);
 extern void EventboxLogScanRange(EventboxLogScan *ls, uint64 lo_txid, int64 lo_id,
 								 uint64 hi_txid, EventboxLogReceive receive, void *arg);
+extern void EventboxLogScanIds(EventboxLogScan *ls, int64 lo_id,
+							   EventboxLogReceive receive, void *arg);
 extern void EventboxLogScanEnd(EventboxLogScan *ls);
 
 /* launcher.c, worker.c */

@@ -6,7 +6,8 @@
  * The window scans of unordered lanes read the log through each
  * partition's (txid, id) index, between a lower bound (txid, id) > (lo_txid,
  * lo_id) and an upper bound txid < hi_txid, and merge the partitions in
- * (txid, id) order.  As SQL statements (through SPI) every claim started
+ * (txid, id) order; those of ordered lanes read it through each
+ * partition's (id) index from an id on, merged in id order.  As SQL statements (through SPI) every claim started
  * executors for a MergeAppend over three partitions with five indexes each,
  * and every row went through the scan's qualifiers, a projection and a
  * function call per filter; here a claim opens the partitions, starts one
@@ -70,7 +71,7 @@ typedef struct LogScanPart
 	Relation	index;
 	TupleTableSlot *slot;
 	IndexScanDesc scan;			/* of the current range, or NULL */
-	ScanKeyData keys[2];		/* (txid, id) > lower bound; txid < upper */
+	ScanKeyData keys[2];		/* (txid, id) > lower, txid < upper; or id > lower */
 	ScanKeyData row[2];			/* the members of keys[0] */
 	bool		has_row;		/* slot holds the partition's next row */
 	uint64		txid;			/* of that row */
@@ -81,6 +82,7 @@ struct EventboxLogScan
 {
 	Relation	parent;
 	Snapshot	snapshot;
+	bool		by_id;			/* through (id) instead of (txid, id) */
 	int			nparts;
 	LogScanPart parts[LOGSCAN_MAX_PARTS];
 };
@@ -111,10 +113,10 @@ logscan_check_columns(Relation heap)
 
 /*
  * logscan_open_index opens the partition's valid btree index on exactly
- * (txid, id), the partition's part of eventbox.log_txid_id_idx.
+ * (txid, id) or (id), its part of eventbox.log_txid_id_idx or log_id_idx.
  */
 static Relation
-logscan_open_index(Relation heap)
+logscan_open_index(Relation heap, bool by_id)
 {
 	List	   *indexes = RelationGetIndexList(heap);
 	ListCell   *lc;
@@ -129,9 +131,10 @@ logscan_open_index(Relation heap)
 		if (!HeapTupleIsValid(tup))
 			elog(ERROR, "cache lookup failed for index %u", indexoid);
 		idx = (Form_pg_index) GETSTRUCT(tup);
-		match = idx->indisvalid && idx->indnkeyatts == 2 &&
-			idx->indkey.values[0] == LOG_ATT_TXID &&
-			idx->indkey.values[1] == LOG_ATT_ID &&
+		match = idx->indisvalid &&
+			(by_id ? idx->indnkeyatts == 1 && idx->indkey.values[0] == LOG_ATT_ID
+			 : idx->indnkeyatts == 2 && idx->indkey.values[0] == LOG_ATT_TXID &&
+			 idx->indkey.values[1] == LOG_ATT_ID) &&
 			heap_attisnull(tup, Anum_pg_index_indexprs, NULL) &&
 			heap_attisnull(tup, Anum_pg_index_indpred, NULL);
 		ReleaseSysCache(tup);
@@ -148,20 +151,22 @@ logscan_open_index(Relation heap)
 			return index;
 		}
 	}
-	elog(ERROR, "eventbox: relation \"%s\" has no btree index on (txid, id)",
-		 RelationGetRelationName(heap));
+	elog(ERROR, "eventbox: relation \"%s\" has no btree index on %s",
+		 RelationGetRelationName(heap), by_id ? "(id)" : "(txid, id)");
 	return NULL;				/* keep compiler quiet */
 }
 
 /*
  * EventboxLogScanBegin opens the log and its partitions for reading, with
  * the locks a SELECT takes (held to the end of the transaction), under a
- * snapshot taken after the locks were granted.  In READ COMMITTED that is a new snapshot, as each
+ * snapshot taken after the locks were granted, for range scans in (txid,
+ * id) order (EventboxLogScanRange) or, with by_id, in id order
+ * (EventboxLogScanIds).  In READ COMMITTED that is a new snapshot, as each
  * statement of a claim got one: it sees every transaction that a window
  * target taken before this call sees.
  */
 EventboxLogScan *
-EventboxLogScanBegin(void)
+EventboxLogScanBegin(bool by_id)
 {
 	EventboxLogScan *ls = palloc0(sizeof(EventboxLogScan));
 	Oid			nsp = get_namespace_oid("eventbox", false);
@@ -174,6 +179,7 @@ EventboxLogScanBegin(void)
 	ls->parent = table_open(relid, AccessShareLock);
 	if (ls->parent->rd_rel->relkind != RELKIND_PARTITIONED_TABLE)
 		elog(ERROR, "eventbox: eventbox.log is not partitioned");
+	ls->by_id = by_id;
 	pd = RelationGetPartitionDesc(ls->parent, true);
 	if (pd->nparts > LOGSCAN_MAX_PARTS)
 		elog(ERROR, "eventbox: eventbox.log has %d partitions, at most %d are supported",
@@ -185,7 +191,7 @@ EventboxLogScanBegin(void)
 
 		p->heap = table_open(pd->oids[i], AccessShareLock);
 		logscan_check_columns(p->heap);
-		p->index = logscan_open_index(p->heap);
+		p->index = logscan_open_index(p->heap, by_id);
 		p->slot = table_slot_create(p->heap, NULL);
 	}
 	ls->snapshot = RegisterSnapshot(GetTransactionSnapshot());
@@ -226,6 +232,59 @@ logscan_next(LogScanPart *p)
 }
 
 /*
+ * logscan_run starts each partition's scan with its keys (set up by the
+ * caller) and hands the rows to `receive` in the scan's order, merging the
+ * partitions, until it returns false or every partition is used up.
+ */
+static void
+logscan_run(EventboxLogScan *ls, int nkeys, EventboxLogReceive receive, void *arg)
+{
+	int			i;
+
+	for (i = 0; i < ls->nparts; i++)
+	{
+		LogScanPart *p = &ls->parts[i];
+
+		if (p->scan == NULL)
+			p->scan = index_beginscan(p->heap, p->index, ls->snapshot, nkeys, 0);
+		index_rescan(p->scan, p->keys, nkeys, NULL, 0);
+		logscan_next(p);
+	}
+
+	for (;;)
+	{
+		LogScanPart *best = NULL;
+
+		CHECK_FOR_INTERRUPTS();
+		for (i = 0; i < ls->nparts; i++)
+		{
+			LogScanPart *p = &ls->parts[i];
+
+			if (!p->has_row)
+				continue;
+			if (best == NULL ||
+				(ls->by_id ? p->id < best->id :
+				 p->txid < best->txid || (p->txid == best->txid && p->id < best->id)))
+				best = p;
+		}
+		if (best == NULL)
+			break;
+		slot_getsomeattrs(best->slot, LOG_ATT_LAST_OUT);
+		if (!receive(arg, &best->slot->tts_values[LOG_ATT_FIRST_OUT - 1],
+					 &best->slot->tts_isnull[LOG_ATT_FIRST_OUT - 1]))
+			break;
+		logscan_next(best);
+	}
+
+	/* give back the buffer pins of rows read ahead */
+	for (i = 0; i < ls->nparts; i++)
+	{
+		ExecClearTuple(ls->parts[i].slot);
+		ls->parts[i].has_row = false;
+	}
+}
+
+/*
  * EventboxLogScanRange hands the log rows with (txid, id) > (lo_txid,
  * lo_id) and txid < hi_txid that the scan's snapshot sees to `receive`, in
  * (txid, id) order, until it returns false or the range is used up.  The
@@ -238,6 +297,7 @@ EventboxLogScanRange(EventboxLogScan *ls, uint64 lo_txid, int64 lo_id,
 {
 	int			i;
 
+	Assert(!ls->by_id);
 	if (hi_txid <= lo_txid)
 		return;
 
@@ -258,40 +318,23 @@ EventboxLogScanRange(EventboxLogScan *ls, uint64 lo_txid, int64 lo_id,
 		p->keys[0].sk_argument = PointerGetDatum(p->row);
 		ScanKeyEntryInitialize(&p->keys[1], 0, 1, BTLessStrategyNumber,
 							   XID8OID, InvalidOid, F_XID8LT, UInt64GetDatum(hi_txid));
-
-		if (p->scan == NULL)
-			p->scan = index_beginscan(p->heap, p->index, ls->snapshot, 2, 0);
-		index_rescan(p->scan, p->keys, 2, NULL, 0);
-		logscan_next(p);
 	}
+	logscan_run(ls, 2, receive, arg);
+}
 
-	for (;;)
-	{
-		LogScanPart *best = NULL;
+/*
+ * EventboxLogScanIds hands the log rows with id > lo_id that the scan's
+ * snapshot sees to `receive`, in id order, like EventboxLogScanRange.
+ */
+void
+EventboxLogScanIds(EventboxLogScan *ls, int64 lo_id, EventboxLogReceive receive,
+				   void *arg)
+{
+	int			i;
 
-		CHECK_FOR_INTERRUPTS();
-		for (i = 0; i < ls->nparts; i++)
-		{
-			LogScanPart *p = &ls->parts[i];
-
-			if (p->has_row &&
-				(best == NULL || p->txid < best->txid ||
-				 (p->txid == best->txid && p->id < best->id)))
-				best = p;
-		}
-		if (best == NULL)
-			break;
-		slot_getsomeattrs(best->slot, LOG_ATT_LAST_OUT);
-		if (!receive(arg, &best->slot->tts_values[LOG_ATT_FIRST_OUT - 1],
-					 &best->slot->tts_isnull[LOG_ATT_FIRST_OUT - 1]))
-			break;
-		logscan_next(best);
-	}
-
-	/* give back the buffer pins of rows read ahead */
+	Assert(ls->by_id);
 	for (i = 0; i < ls->nparts; i++)
-	{
-		ExecClearTuple(ls->parts[i].slot);
-		ls->parts[i].has_row = false;
-	}
+		ScanKeyEntryInitialize(&ls->parts[i].keys[0], 0, 1, BTGreaterStrategyNumber,
+							   INT8OID, InvalidOid, F_INT8GT, Int64GetDatum(lo_id));
+	logscan_run(ls, 1, receive, arg);
 }
