@@ -311,58 +311,83 @@ BEGIN
 END
 $$;
 
--- Fail one delivered event: schedule its retry or move it to the dead
--- letters.  The caller has already taken the event out of its batch.
--- Returns 'retry' or 'dead'.
-CREATE FUNCTION eventbox._fail(s eventbox.subscriptions, event bigint, err text,
-							   retry_in interval, why text)
-RETURNS text
+-- Fail delivered events: schedule their retries or move them to the dead
+-- letters.  The caller has already taken them out of their batches.
+-- Returns each event's outcome, 'retry' or 'dead'.  Set-based, so that
+-- the leases of a batch of 1,000 that ran out cost a few statements, not
+-- a few thousand.
+CREATE FUNCTION eventbox._fail_many(s eventbox.subscriptions, events bigint[], err text,
+									retry_in interval, why text)
+RETURNS TABLE (event bigint, outcome text)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-	r eventbox.retries;
-	made int;
-	e eventbox.log;
+	dead bigint[];
+	retry bigint[];
 BEGIN
-	SELECT * INTO r FROM eventbox.retries WHERE sub_id = s.sub_id AND id = event FOR UPDATE;
-	made := COALESCE(r.attempts, 1);
-	IF made >= s.max_attempts THEN
-		SELECT * INTO e FROM eventbox.log WHERE id = event;
-		DELETE FROM eventbox.retries WHERE sub_id = s.sub_id AND id = event;
+	PERFORM FROM eventbox.retries r
+	WHERE r.sub_id = s.sub_id AND r.id = ANY(events) ORDER BY r.id FOR UPDATE;
+	-- the attempts made so far: the retry row's, or 1 (the happy path's)
+	SELECT array_agg(e.id) FILTER (WHERE COALESCE(r.attempts, 1) >= s.max_attempts),
+		   array_agg(e.id) FILTER (WHERE COALESCE(r.attempts, 1) < s.max_attempts)
+	INTO dead, retry
+	FROM (SELECT DISTINCT u.id FROM unnest(events) u(id)) e
+	LEFT JOIN eventbox.retries r ON r.sub_id = s.sub_id AND r.id = e.id;
+
+	IF dead IS NOT NULL THEN
 		INSERT INTO eventbox.dead_letter_store
 			(sub_id, id, txid, lane, event_id, event_type, aggregate_type,
 			 aggregate_id, payload, headers, occurred_at, attempts, last_error)
-		VALUES (s.sub_id, event, e.txid,
-				eventbox._lane(e.aggregate_type, e.aggregate_id, e.id, s.lanes),
-				e.event_id, e.event_type, e.aggregate_type, e.aggregate_id,
-				e.payload, e.headers, e.occurred_at, made, err)
+		SELECT s.sub_id, l.id, l.txid,
+			   eventbox._lane(l.aggregate_type, l.aggregate_id, l.id, s.lanes),
+			   l.event_id, l.event_type, l.aggregate_type, l.aggregate_id,
+			   l.payload, l.headers, l.occurred_at, COALESCE(r.attempts, 1), err
+		FROM eventbox.log l
+		LEFT JOIN eventbox.retries r ON r.sub_id = s.sub_id AND r.id = l.id
+		WHERE l.id = ANY(dead)
 		ON CONFLICT (sub_id, id) DO UPDATE
 			SET attempts = EXCLUDED.attempts, last_error = EXCLUDED.last_error,
 				dead_at = EXCLUDED.dead_at;
-		INSERT INTO eventbox.counters (sub_id, dead) VALUES (s.sub_id, 1);
-		RETURN 'dead';
+		DELETE FROM eventbox.retries r WHERE r.sub_id = s.sub_id AND r.id = ANY(dead);
+		INSERT INTO eventbox.counters (sub_id, dead) VALUES (s.sub_id, cardinality(dead));
 	END IF;
 
-	IF r.id IS NULL THEN
+	IF retry IS NOT NULL THEN
+		UPDATE eventbox.retries r
+		SET next_attempt_at = clock_timestamp() + COALESCE(retry_in,
+								eventbox._backoff(r.attempts, s.backoff_base, s.backoff_max)),
+			reason = why, last_error = err, updated_at = clock_timestamp()
+		WHERE r.sub_id = s.sub_id AND r.id = ANY(retry);
 		INSERT INTO eventbox.retries (sub_id, id, txid, lane, attempts, next_attempt_at,
 									  reason, last_error)
 		SELECT s.sub_id, l.id, l.txid,
 			   eventbox._lane(l.aggregate_type, l.aggregate_id, l.id, s.lanes),
-			   made,
-			   clock_timestamp() + COALESCE(retry_in, eventbox._backoff(made, s.backoff_base, s.backoff_max)),
+			   1,
+			   clock_timestamp() + COALESCE(retry_in, eventbox._backoff(1, s.backoff_base, s.backoff_max)),
 			   why, err
-		FROM eventbox.log l WHERE l.id = event;
-	ELSE
-		UPDATE eventbox.retries
-		SET next_attempt_at = clock_timestamp() + COALESCE(retry_in,
-								eventbox._backoff(made, s.backoff_base, s.backoff_max)),
-			reason = why, last_error = err, updated_at = clock_timestamp()
-		WHERE sub_id = s.sub_id AND id = event;
+		FROM eventbox.log l
+		WHERE l.id = ANY(retry)
+		  AND NOT EXISTS (SELECT FROM eventbox.retries r
+						  WHERE r.sub_id = s.sub_id AND r.id = l.id);
+		INSERT INTO eventbox.counters (sub_id, retried) VALUES (s.sub_id, cardinality(retry));
 	END IF;
-	INSERT INTO eventbox.counters (sub_id, retried) VALUES (s.sub_id, 1);
-	RETURN 'retry';
+
+	RETURN QUERY
+		SELECT d.id, 'dead'::text FROM unnest(dead) d(id)
+		UNION ALL
+		SELECT t.id, 'retry'::text FROM unnest(retry) t(id);
 END
+$$;
+
+-- Fail one delivered event (see _fail_many).  Returns 'retry' or 'dead'.
+CREATE FUNCTION eventbox._fail(s eventbox.subscriptions, event bigint, err text,
+							   retry_in interval, why text)
+RETURNS text
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT f.outcome FROM eventbox._fail_many(s, ARRAY[event], err, retry_in, why) f
 $$;
 
 -- Give events of a batch back without counting an attempt: used by nack on
@@ -404,8 +429,7 @@ AS $$
 DECLARE
 	s eventbox.subscriptions;
 	b record;
-	e bigint;
-	n int := 0;
+	expired bigint[] := '{}';
 BEGIN
 	SELECT * INTO s FROM eventbox.subscriptions WHERE sub_id = sub;
 	FOR b IN
@@ -415,12 +439,12 @@ BEGIN
 		FOR UPDATE SKIP LOCKED
 	LOOP
 		DELETE FROM eventbox.batches WHERE batch_id = b.batch_id;
-		FOREACH e IN ARRAY b.ids LOOP
-			PERFORM eventbox._fail(s, e, 'lease expired', NULL, 'expired');
-			n := n + 1;
-		END LOOP;
+		expired := expired || b.ids;
 	END LOOP;
-	RETURN n;
+	IF cardinality(expired) > 0 THEN
+		PERFORM eventbox._fail_many(s, expired, 'lease expired', NULL, 'expired');
+	END IF;
+	RETURN cardinality(expired);
 END
 $$;
 
