@@ -137,6 +137,10 @@ logscan_open_index(Relation heap, bool by_id)
 			 idx->indkey.values[1] == LOG_ATT_ID) &&
 			heap_attisnull(tup, Anum_pg_index_indexprs, NULL) &&
 			heap_attisnull(tup, Anum_pg_index_indpred, NULL);
+		/* as the planner does: not yet usable by snapshots this old */
+		if (match && idx->indcheckxmin &&
+			!TransactionIdPrecedes(HeapTupleHeaderGetXmin(tup->t_data), TransactionXmin))
+			match = false;
 		ReleaseSysCache(tup);
 		if (match)
 		{
