@@ -127,7 +127,6 @@ enum
 StaticAssertDecl(LC_DELIVER == EVENTBOX_LOGSCAN_NATTS,
 				 "LOG_COLUMNS does not match logscan.c");
 
-
 static SPIPlanPtr plan_sub = NULL;
 static SPIPlanPtr plan_expire = NULL;
 static SPIPlanPtr plan_lock = NULL;
@@ -826,7 +825,7 @@ window_log_receive(void *arg, Datum *values, bool *nulls)
  * the target sees (read one transaction at a time, in xid order), then the
  * band of xids from the cursor snapshot's xmax to the target's.  Every xid
  * in the list is below the band, so one position covers both parts.
- * Returns the number of rows read, like claim_window.
+ * Returns the number of rows read (see claim_window_done).
  */
 static int
 claim_window_unordered(ClaimState *st, Datum snap, Datum target, int lane,
