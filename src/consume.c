@@ -738,6 +738,13 @@ consume_uint64_cmp(const void *a, const void *b)
 	return x < y ? -1 : x > y ? 1 : 0;
 }
 
+/* whether xid is in the snapshot's in-progress list */
+static bool
+consume_in_progress(const ConsumeSnapshot *s, uint64 xid)
+{
+	return bsearch(&xid, s->xip, s->nxip, sizeof(uint64), consume_uint64_cmp) != NULL;
+}
+
 /* pg_visible_in_snapshot(xid, snapshot), without a function call */
 static bool
 consume_visible(const ConsumeSnapshot *s, uint64 xid)
@@ -746,7 +753,7 @@ consume_visible(const ConsumeSnapshot *s, uint64 xid)
 		return true;
 	if (xid >= s->xmax)
 		return false;
-	return bsearch(&xid, s->xip, s->nxip, sizeof(uint64), consume_uint64_cmp) == NULL;
+	return !consume_in_progress(s, xid);
 }
 
 /*
@@ -889,27 +896,14 @@ window_ordered_receive(void *arg, Datum *values, bool *nulls)
 	 * band after it, and seen by the target.
 	 */
 	if (txid >= ws->from->xmax ? txid >= ws->target->xmax :
-		bsearch(&txid, ws->from->xip, ws->from->nxip, sizeof(uint64),
-				consume_uint64_cmp) == NULL)
+		!consume_in_progress(ws->from, txid))
 		return true;
 	if (!consume_visible(ws->target, txid))
 		return true;
-	if (nulls[LC_ATYPE - 1] || nulls[LC_AID - 1])
-	{
-		if (EventboxLaneOf(NULL, 0, NULL, 0, DatumGetInt64(values[LC_ID - 1]),
-						   st->sub->lanes) != ws->lane)
-			return true;
-	}
-	else
-	{
-		text	   *at = DatumGetTextPP(values[LC_ATYPE - 1]);
-		text	   *aid = DatumGetTextPP(values[LC_AID - 1]);
-
-		if (EventboxLaneOf(VARDATA_ANY(at), VARSIZE_ANY_EXHDR(at),
-						   VARDATA_ANY(aid), VARSIZE_ANY_EXHDR(aid),
+	if (EventboxLaneOfText(nulls[LC_ATYPE - 1] ? NULL : DatumGetTextPP(values[LC_ATYPE - 1]),
+						   nulls[LC_AID - 1] ? NULL : DatumGetTextPP(values[LC_AID - 1]),
 						   DatumGetInt64(values[LC_ID - 1]), st->sub->lanes) != ws->lane)
-			return true;
-	}
+		return true;
 	return window_take(ws, values, nulls);
 }
 

@@ -128,7 +128,9 @@ extern TimestampTz EventboxDeliver(int batch, uint64 *forwarded);
 
 /* logscan.c: rows are handed out as id, txid, event_id, event_type,
  * aggregate_type, aggregate_id, payload, headers, occurred_at, deliver_at */
+#define EVENTBOX_LOG_NATTS 12	/* columns of the log */
 #define EVENTBOX_LOGSCAN_NATTS 10
+extern void EventboxCheckLogColumns(Relation rel);
 typedef struct EventboxLogScan EventboxLogScan;
 typedef bool (*EventboxLogReceive) (void *arg, Datum *values, bool *isnull);
 extern EventboxLogScan *EventboxLogScanBegin(bool by_id);
@@ -157,5 +159,7 @@ extern void EventboxCheckEventType(const char *type, int len);
 extern int	EventboxLaneOf(const char *aggregate_type, int atlen,
 						   const char *aggregate_id, int aidlen,
 						   int64 id, int lanes);
+extern int	EventboxLaneOfText(text *aggregate_type, text *aggregate_id, int64 id,
+							   int lanes);
 
 #endif							/* EVENTBOX_H */

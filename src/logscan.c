@@ -46,20 +46,22 @@
 
 #include "eventbox.h"
 
-/* attribute numbers of the log's columns (see publish.c) */
+/* The log's columns, in the order of its (and every partition's) rows. */
+static const char *const log_columns[] = {
+	"part", "id", "txid", "event_id", "event_type", "aggregate_type",
+	"aggregate_id", "payload", "headers", "occurred_at", "deliver_at",
+	"dedupe_key"
+};
+
+StaticAssertDecl(lengthof(log_columns) == EVENTBOX_LOG_NATTS,
+				 "log_columns does not match EVENTBOX_LOG_NATTS");
+
+/* attribute numbers of the log's columns */
 #define LOG_ATT_ID			2
 #define LOG_ATT_TXID		3
 #define LOG_ATT_FIRST_OUT	2	/* id: the first column handed out */
 #define LOG_ATT_LAST_OUT	11	/* deliver_at: the last one */
 
-/* the columns handed out, in the partitions' order */
-static const char *const logscan_columns[] = {
-	"id", "txid", "event_id", "event_type", "aggregate_type", "aggregate_id",
-	"payload", "headers", "occurred_at", "deliver_at"
-};
-
-StaticAssertDecl(lengthof(logscan_columns) == EVENTBOX_LOGSCAN_NATTS,
-				 "logscan_columns does not match EVENTBOX_LOGSCAN_NATTS");
 StaticAssertDecl(LOG_ATT_LAST_OUT - LOG_ATT_FIRST_OUT + 1 == EVENTBOX_LOGSCAN_NATTS,
 				 "LOG_ATT_* do not match EVENTBOX_LOGSCAN_NATTS");
 
@@ -88,27 +90,23 @@ struct EventboxLogScan
 };
 
 /*
- * logscan_check_columns makes sure that the partition's rows have the
- * columns handed out where the callers expect them.
+ * EventboxCheckLogColumns makes sure that a log partition's rows have the
+ * columns that publish writes and the scans hand out, where they expect
+ * them.
  */
-static void
-logscan_check_columns(Relation heap)
+void
+EventboxCheckLogColumns(Relation rel)
 {
-	TupleDesc	desc = RelationGetDescr(heap);
+	TupleDesc	desc = RelationGetDescr(rel);
 	int			i;
 
-	if (desc->natts < LOG_ATT_LAST_OUT)
-		elog(ERROR, "eventbox: relation \"%s\" has %d columns, expected at least %d",
-			 RelationGetRelationName(heap), desc->natts, LOG_ATT_LAST_OUT);
-	for (i = 0; i < EVENTBOX_LOGSCAN_NATTS; i++)
-	{
-		Form_pg_attribute att = TupleDescAttr(desc, LOG_ATT_FIRST_OUT - 1 + i);
-
-		if (att->attisdropped || strcmp(NameStr(att->attname), logscan_columns[i]) != 0)
-			elog(ERROR, "eventbox: column %d of relation \"%s\" is not \"%s\"",
-				 LOG_ATT_FIRST_OUT + i, RelationGetRelationName(heap),
-				 logscan_columns[i]);
-	}
+	if (desc->natts != EVENTBOX_LOG_NATTS)
+		elog(ERROR, "eventbox: unexpected columns in eventbox.%s",
+			 RelationGetRelationName(rel));
+	for (i = 0; i < EVENTBOX_LOG_NATTS; i++)
+		if (strcmp(NameStr(TupleDescAttr(desc, i)->attname), log_columns[i]) != 0)
+			elog(ERROR, "eventbox: unexpected columns in eventbox.%s",
+				 RelationGetRelationName(rel));
 }
 
 /*
@@ -194,7 +192,7 @@ EventboxLogScanBegin(bool by_id)
 		LogScanPart *p = &ls->parts[ls->nparts++];
 
 		p->heap = table_open(pd->oids[i], AccessShareLock);
-		logscan_check_columns(p->heap);
+		EventboxCheckLogColumns(p->heap);
 		p->index = logscan_open_index(p->heap, by_id);
 		p->slot = table_slot_create(p->heap, NULL);
 	}
@@ -292,7 +290,7 @@ logscan_run(EventboxLogScan *ls, int nkeys, EventboxLogReceive receive, void *ar
  * EventboxLogScanRange hands the log rows with (txid, id) > (lo_txid,
  * lo_id) and txid < hi_txid that the scan's snapshot sees to `receive`, in
  * (txid, id) order, until it returns false or the range is used up.  The
- * values (EVENTBOX_LOGSCAN_NATTS of them, in logscan_columns order) are
+ * values (EVENTBOX_LOGSCAN_NATTS of them: log_columns from id on) are
  * valid until receive returns.
  */
 void

@@ -293,14 +293,6 @@ publish_dedupe(text *key)
 	return found;
 }
 
-/* The log's columns, in the order of its (and every partition's) rows. */
-static const char *const publish_log_columns[] = {
-	"part", "id", "txid", "event_id", "event_type", "aggregate_type",
-	"aggregate_id", "payload", "headers", "occurred_at", "deliver_at",
-	"dedupe_key"
-};
-
-#define PUBLISH_LOG_NATTS lengthof(publish_log_columns)
 
 static Oid
 publish_relid(Oid nsp, const char *name)
@@ -359,18 +351,11 @@ publish_open(PublishTarget *t)
 {
 	Oid			nsp = get_namespace_oid("eventbox", false);
 	char		relname[NAMEDATALEN];
-	TupleDesc	desc;
-	int			i;
 
 	t->part = publish_current_partition(nsp);
 	snprintf(relname, sizeof(relname), "log_%d", t->part);
 	t->rel = table_open(publish_relid(nsp, relname), RowExclusiveLock);
-	desc = RelationGetDescr(t->rel);
-	if (desc->natts != (int) PUBLISH_LOG_NATTS)
-		elog(ERROR, "eventbox: unexpected columns in eventbox.%s", relname);
-	for (i = 0; i < (int) PUBLISH_LOG_NATTS; i++)
-		if (strcmp(NameStr(TupleDescAttr(desc, i)->attname), publish_log_columns[i]) != 0)
-			elog(ERROR, "eventbox: unexpected columns in eventbox.%s", relname);
+	EventboxCheckLogColumns(t->rel);
 	t->seq = publish_relid(nsp, "log_id_seq");
 	t->estate = CreateExecutorState();
 	t->rri = makeNode(ResultRelInfo);
@@ -404,7 +389,7 @@ publish_fill(PublishTarget *t, PublishEvent *ev, pg_uuid_t *uuid, TupleTableSlot
 	ExecClearTuple(slot);
 	values = slot->tts_values;
 	nulls = slot->tts_isnull;
-	memset(nulls, false, sizeof(bool) * PUBLISH_LOG_NATTS);
+	memset(nulls, false, sizeof(bool) * EVENTBOX_LOG_NATTS);
 	values[0] = Int16GetDatum(t->part);
 	values[1] = Int64GetDatum(id);
 	values[2] = FullTransactionIdGetDatum(GetTopFullTransactionId());

@@ -95,20 +95,24 @@ EventboxLaneOf(const char *aggregate_type, int atlen,
 Datum
 eventbox_lane(PG_FUNCTION_ARGS)
 {
-	int32		lanes = PG_GETARG_INT32(3);
-	int64		id = PG_GETARG_INT64(2);
+	PG_RETURN_INT32(EventboxLaneOfText(PG_ARGISNULL(0) ? NULL : PG_GETARG_TEXT_PP(0),
+									   PG_ARGISNULL(1) ? NULL : PG_GETARG_TEXT_PP(1),
+									   PG_GETARG_INT64(2), PG_GETARG_INT32(3)));
+}
 
-	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
-		PG_RETURN_INT32(EventboxLaneOf(NULL, 0, NULL, 0, id, lanes));
-	else
-	{
-		text	   *at = PG_GETARG_TEXT_PP(0);
-		text	   *aid = PG_GETARG_TEXT_PP(1);
-
-		PG_RETURN_INT32(EventboxLaneOf(VARDATA_ANY(at), VARSIZE_ANY_EXHDR(at),
-									   VARDATA_ANY(aid), VARSIZE_ANY_EXHDR(aid),
-									   id, lanes));
-	}
+/*
+ * EventboxLaneOfText is EventboxLaneOf for an event's aggregate columns as
+ * text values; NULL for either (an event without an aggregate) means the
+ * lane of its id.
+ */
+int
+EventboxLaneOfText(text *aggregate_type, text *aggregate_id, int64 id, int lanes)
+{
+	if (aggregate_type == NULL || aggregate_id == NULL)
+		return EventboxLaneOf(NULL, 0, NULL, 0, id, lanes);
+	return EventboxLaneOf(VARDATA_ANY(aggregate_type), VARSIZE_ANY_EXHDR(aggregate_type),
+						  VARDATA_ANY(aggregate_id), VARSIZE_ANY_EXHDR(aggregate_id),
+						  id, lanes);
 }
 
 /*
