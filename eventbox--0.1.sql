@@ -73,17 +73,30 @@ CREATE TABLE eventbox.log (
 CREATE TABLE eventbox.log_0 PARTITION OF eventbox.log FOR VALUES IN (0);
 CREATE TABLE eventbox.log_1 PARTITION OF eventbox.log FOR VALUES IN (1);
 CREATE TABLE eventbox.log_2 PARTITION OF eventbox.log FOR VALUES IN (2);
-CREATE INDEX log_txid_id_idx ON eventbox.log (txid, id);
+-- The keys of these three include id, so no two entries are equal and
+-- deduplication could never merge any: off, so that a full leaf page is
+-- split at once instead of first being searched for duplicates.
+CREATE INDEX log_txid_id_idx ON eventbox.log (txid, id)
+	WITH (deduplicate_items = off);
 -- ids come from a sequence, so they are unique without a unique index
 -- (which a partitioned table could only have together with part)
-CREATE INDEX log_id_idx ON eventbox.log (id);
+CREATE INDEX log_id_idx ON eventbox.log (id)
+	WITH (deduplicate_items = off);
 -- An aggregate's history (timeline).  Keyed by the names themselves, not a
 -- hash of them: aggregate ids that grow (order numbers) then insert next to
 -- each other, while a hash would scatter every insert over the whole index
 -- and, after each checkpoint, write a full-page image for nearly every one.
-CREATE INDEX log_aggregate_idx ON eventbox.log (aggregate_type, aggregate_id, id)
+-- Only equality is ever asked of the names, so they are compared bytewise
+-- (COLLATE "C", the same equality as any deterministic collation) instead
+-- of with the database's collation: under ICU or a glibc locale every
+-- comparison of an insert's descent would otherwise be a strcoll() call.
+-- Queries must say COLLATE "C" to use it (see timeline).
+CREATE INDEX log_aggregate_idx ON eventbox.log
+	(aggregate_type COLLATE "C", aggregate_id COLLATE "C", id)
+	WITH (deduplicate_items = off)
 	WHERE aggregate_id IS NOT NULL;
-CREATE INDEX log_dedupe_idx ON eventbox.log (dedupe_key)
+-- Bytewise too; the dedupe lookup in publish says COLLATE "C".
+CREATE INDEX log_dedupe_idx ON eventbox.log (dedupe_key COLLATE "C")
 	WHERE dedupe_key IS NOT NULL;
 -- Lets the worker find when the next delayed event comes due.
 CREATE INDEX log_deliver_at_idx ON eventbox.log (deliver_at)
@@ -1156,8 +1169,9 @@ BEGIN
 	SELECT l.id, l.event_id, l.event_type, l.aggregate_type, l.aggregate_id,
 		   l.payload, l.headers, l.occurred_at
 	FROM eventbox.log l
-	WHERE l.aggregate_type = timeline.aggregate_type
-	  AND l.aggregate_id = timeline.aggregate_id
+	-- COLLATE "C": the collation of log_aggregate_idx
+	WHERE l.aggregate_type = timeline.aggregate_type COLLATE "C"
+	  AND l.aggregate_id = timeline.aggregate_id COLLATE "C"
 	  AND l.id > COALESCE(after_id, 0)
 	ORDER BY l.id
 	LIMIT lim;

@@ -69,6 +69,18 @@ SELECT test.expect_error($$SET eventbox.dedupe_window = -1$$);
 SELECT test.expect_error($$SET eventbox.dedupe_window = 'soon'$$);
 SELECT id - :base3 AS id, payload->>'v' AS v FROM eventbox.log WHERE id > :base3 ORDER BY id;
 
+-- the lookup reads the dedupe index, whose keys compare bytewise: its
+-- statement has to say COLLATE "C", or it could only walk the log by id.
+-- A new session, so that its plan is made anew.
+\c
+SELECT pg_stat_force_next_flush();
+SELECT sum(idx_scan) AS dedupe_scans_before FROM pg_stat_user_indexes
+WHERE schemaname = 'eventbox' AND indexrelname ~ '^log_[0-9]+_dedupe_key_' \gset
+SELECT eventbox.publish('t03.a', dedupe_key => 'k1') - :base AS id;
+SELECT pg_stat_force_next_flush();
+SELECT sum(idx_scan) > :dedupe_scans_before AS lookup_read_the_index FROM pg_stat_user_indexes
+WHERE schemaname = 'eventbox' AND indexrelname ~ '^log_[0-9]+_dedupe_key_';
+
 -- the subscription sees each stored event once
 SELECT event_type, count(*) FROM eventbox.claim_batch(100, 't03') GROUP BY 1 ORDER BY 1;
 SELECT eventbox.unsubscribe('t03');

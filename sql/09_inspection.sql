@@ -87,5 +87,18 @@ SELECT count(*) FROM eventbox.timeline('acct', 'nobody');
 SELECT test.expect_error($$SELECT * FROM eventbox.timeline(NULL, 'x0')$$);
 SELECT test.expect_error($$SELECT * FROM eventbox.timeline('acct', NULL)$$);
 SELECT test.expect_error($$SELECT * FROM eventbox.timeline('acct', 'x0', lim => 0)$$);
+-- timeline reads the aggregate index, whose keys compare bytewise: its
+-- query has to say COLLATE "C", or the planner could only scan the log.
+-- A new session, so that no plan of the calls above is reused.
+\c
+SET enable_seqscan = off;
+SELECT pg_stat_force_next_flush();
+SELECT sum(idx_scan) AS agg_scans_before FROM pg_stat_user_indexes
+WHERE schemaname = 'eventbox' AND indexrelname ~ '^log_[0-9]+_aggregate_type_' \gset
+SELECT count(*) FROM eventbox.timeline('acct', 'x0');
+SELECT pg_stat_force_next_flush();
+SELECT sum(idx_scan) > :agg_scans_before AS timeline_read_the_index FROM pg_stat_user_indexes
+WHERE schemaname = 'eventbox' AND indexrelname ~ '^log_[0-9]+_aggregate_type_';
+RESET enable_seqscan;
 
 SELECT eventbox.unsubscribe('t09');

@@ -263,7 +263,7 @@ publish_dedupe(text *key)
 
 		publish_dedupe_plan = EventboxPreparePlan(
 												  "SELECT id FROM eventbox.log"
-												  " WHERE dedupe_key = $1"
+												  " WHERE dedupe_key = $1 COLLATE \"C\""
 												  " AND occurred_at >= pg_catalog.now() - pg_catalog.make_interval(secs => $2)"
 												  " ORDER BY id LIMIT 1",
 												  2, types);
