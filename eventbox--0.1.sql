@@ -102,16 +102,27 @@ CREATE INDEX log_dedupe_idx ON eventbox.log (dedupe_key COLLATE "C")
 CREATE INDEX log_deliver_at_idx ON eventbox.log (deliver_at)
 	WHERE deliver_at IS NOT NULL;
 
--- Which partition publishers write to, and when it became current.  Every
--- publish reads this row, so it is written only when the current partition
--- changes: under a long transaction that holds the xmin horizon each
--- version stays, and publishers walk them all.
+-- Which partition publishers write to, and when it became current.  It is
+-- written only when the current partition changes.  Publishers keep what
+-- they read (src/publish.c) until the trigger below tells them that the row
+-- changed: the invalidation reaches every backend when the change commits.
 CREATE TABLE eventbox.rotation (
 	one				boolean PRIMARY KEY DEFAULT true CHECK (one),
 	cur				smallint NOT NULL DEFAULT 0 CHECK (cur BETWEEN 0 AND 2),
 	switched_at		timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 INSERT INTO eventbox.rotation DEFAULT VALUES;
+-- A statement trigger for the tables whose contents backends keep in
+-- memory (this one and eventbox.subscriptions): it sends a relcache
+-- invalidation of the table, which every backend takes in after the change
+-- has committed, and then reads the table again.
+CREATE FUNCTION eventbox._table_changed()
+RETURNS trigger
+AS 'MODULE_PATHNAME', 'table_changed'
+LANGUAGE C;
+CREATE TRIGGER rotation_changed
+	AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON eventbox.rotation
+	FOR EACH STATEMENT EXECUTE FUNCTION eventbox._table_changed();
 
 CREATE TABLE eventbox.subscriptions (
 	sub_id			int GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -1190,13 +1201,9 @@ LANGUAGE C VOLATILE STRICT;
 
 -- Every change to the subscriptions tells the backends that cache them
 -- (claims, acks and the worker's cycle read them from memory).
-CREATE FUNCTION eventbox._subscriptions_changed()
-RETURNS trigger
-AS 'MODULE_PATHNAME', 'subscriptions_changed'
-LANGUAGE C;
 CREATE TRIGGER subscriptions_changed
 	AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON eventbox.subscriptions
-	FOR EACH STATEMENT EXECUTE FUNCTION eventbox._subscriptions_changed();
+	FOR EACH STATEMENT EXECUTE FUNCTION eventbox._table_changed();
 
 -- Called by alter_subscription before a push_once subscription changes its
 -- mode: waits for the worker to write back the position it holds.

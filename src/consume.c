@@ -32,7 +32,6 @@
 #include "catalog/pg_collation.h"
 #include "catalog/pg_type.h"
 #include "catalog/namespace.h"
-#include "commands/trigger.h"
 #include "common/hashfn.h"
 #include "storage/bufmgr.h"
 #include "storage/itemptr.h"
@@ -61,7 +60,6 @@ PG_FUNCTION_INFO_V1(claim_push);
 PG_FUNCTION_INFO_V1(ack);
 PG_FUNCTION_INFO_V1(ack_array);
 PG_FUNCTION_INFO_V1(push_once_handover);
-PG_FUNCTION_INFO_V1(subscriptions_changed);
 
 /* A subscription as the consumer functions need it. */
 typedef struct ConsumeSub
@@ -181,7 +179,7 @@ consume_int8_array(const int64 *ids, int n)
  * subscription's settings; reading them with a statement each time was a
  * fifth of a worker cycle.  Every change to eventbox.subscriptions sends a
  * relcache invalidation for the table when it commits (the statement
- * trigger eventbox._subscriptions_changed), before its locks are released;
+ * trigger eventbox._table_changed), before its locks are released;
  * consume_sub and the worker's list of subscriptions (deliver.c) accept
  * pending invalidations first, so they see every change committed before
  * them, as a new statement would.
@@ -226,21 +224,6 @@ EventboxSubscriptionsGeneration(void)
 		sub_generation++;
 	}
 	return sub_generation;
-}
-
-/*
- * eventbox._subscriptions_changed(): the statement trigger on
- * eventbox.subscriptions that tells every backend's cache (see above).
- */
-Datum
-subscriptions_changed(PG_FUNCTION_ARGS)
-{
-	TriggerData *trigdata = (TriggerData *) fcinfo->context;
-
-	if (!CALLED_AS_TRIGGER(fcinfo))
-		elog(ERROR, "eventbox: _subscriptions_changed must be called as a trigger");
-	CacheInvalidateRelcache(trigdata->tg_relation);
-	return PointerGetDatum(NULL);
 }
 
 static ConsumeSub *

@@ -18,6 +18,7 @@
 #include "catalog/pg_namespace_d.h"
 #include "commands/dbcommands.h"
 #include "commands/defrem.h"
+#include "commands/trigger.h"
 #include "eventbox.h"
 #include "fmgr.h"
 #include "miscadmin.h"
@@ -25,6 +26,7 @@
 #include "port.h"
 #include "tcop/utility.h"
 #include "utils/guc.h"
+#include "utils/inval.h"
 #include "utils/memutils.h"
 
 PG_MODULE_MAGIC;
@@ -32,6 +34,7 @@ PG_MODULE_MAGIC;
 void		_PG_init(void);
 
 PG_FUNCTION_INFO_V1(eventbox_register);
+PG_FUNCTION_INFO_V1(table_changed);
 
 static ProcessUtility_hook_type prev_process_utility = NULL;
 
@@ -304,6 +307,25 @@ eventbox_process_utility(PlannedStmt *pstmt, const char *queryString,
 			EventboxReleaseDatabase(target);
 	}
 	PG_END_TRY();
+}
+
+/*
+ * eventbox._table_changed(): the statement trigger on the tables whose
+ * contents backends keep in memory (eventbox.subscriptions: consume.c and
+ * deliver.c; eventbox.rotation: publish.c).  It sends a relcache
+ * invalidation of the table, which PostgreSQL delivers to every backend at
+ * the changing transaction's commit; their relcache callbacks then drop
+ * what they kept, and the next use reads the table again.
+ */
+Datum
+table_changed(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		elog(ERROR, "eventbox: _table_changed must be called as a trigger");
+	CacheInvalidateRelcache(trigdata->tg_relation);
+	return PointerGetDatum(NULL);
 }
 
 /*

@@ -15,11 +15,13 @@
 
 #include <sys/time.h>
 
+#include "access/genam.h"
 #include "access/heapam.h"
 #include "access/table.h"
 #include "access/tableam.h"
 #include "access/transam.h"
 #include "access/xact.h"
+#include "catalog/index.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/sequence.h"
@@ -30,13 +32,16 @@
 #include "funcapi.h"
 #include "lib/stringinfo.h"
 #include "miscadmin.h"
+#include "optimizer/optimizer.h"
 #include "storage/lock.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/fmgrprotos.h"
+#include "utils/inval.h"
 #include "utils/json.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
+#include "utils/memutils.h"
 #include "utils/rel.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
@@ -305,26 +310,206 @@ publish_relid(Oid nsp, const char *name)
 }
 
 /*
- * publish_current_partition reads eventbox.rotation.cur, the partition
- * that publishers write to, with the statement's snapshot.
+ * Where publish writes, kept across calls: the relations it looks up by
+ * name, and the current partition (eventbox.rotation.cur).  Reading the
+ * rotation row took a sequential scan per publish (its setup alone, with
+ * the relation size lookup, was a tenth of a one-event publish) and the
+ * name lookups another few percent.
+ *
+ * Both are dropped by a relcache invalidation of any of these relations
+ * (or of all).  A trigger on eventbox.rotation invalidates the table's
+ * entry whenever the row changes (eventbox._table_changed), and
+ * PostgreSQL sends that at the changing transaction's commit, after the
+ * change became visible, and publish takes in pending invalidations first,
+ * so it sees every change committed before it starts.  One that commits
+ * while a publish is under way is seen by the next (as when every publish
+ * read the row): writing to the partition that was current until a moment
+ * ago is harmless, since rotation truncates a partition only under an
+ * exclusive lock, which waits for the publisher, and after checking again
+ * that every event in it has been consumed.
  */
-static int
-publish_current_partition(Oid nsp)
+typedef struct PublishRelations
 {
-	Relation	rel = table_open(publish_relid(nsp, "rotation"), AccessShareLock);
-	TableScanDesc scan = table_beginscan(rel, GetActiveSnapshot(), 0, NULL);
-	HeapTuple	tuple = heap_getnext(scan, ForwardScanDirection);
-	int			attnum = get_attnum(RelationGetRelid(rel), "cur");
+	bool		valid;
+	Oid			rotation;
+	Oid			seq;			/* eventbox.log_id_seq */
+	Oid			log[3];			/* eventbox.log_0 .. log_2 */
+	int			cur;			/* the current partition; -1: read it */
+} PublishRelations;
+
+static PublishRelations publish_rels = {false};
+static uint64 publish_rels_invalidated = 0;
+
+static void
+publish_relations_invalidate(Oid relid)
+{
+	int			k;
+	bool		ours = !OidIsValid(relid) || relid == publish_rels.rotation ||
+		relid == publish_rels.seq;
+
+	for (k = 0; k < 3; k++)
+		ours = ours || relid == publish_rels.log[k];
+	if (ours)
+	{
+		publish_rels.valid = false;
+		publish_rels_invalidated++;
+	}
+}
+
+/*
+ * publish_relations returns the relations publish writes to, with the
+ * current partition in ->cur.
+ */
+static PublishRelations *
+publish_relations(void)
+{
+	PublishRelations *r = &publish_rels;
+	uint64		invalidated;
+	Relation	rel;
+	TableScanDesc scan;
+	HeapTuple	tuple;
+	int			attnum;
 	bool		isnull = true;
 	int			cur = -1;
+	int			k;
 
+	/* see every change committed before this call, as a new statement would */
+	AcceptInvalidationMessages();
+	if (r->valid)
+		return r;
+
+	/*
+	 * Look up the names, open the rotation table (which takes in pending
+	 * invalidations) and find its column, all before reading the row: an
+	 * invalidation taken in after this point means the row read below may
+	 * be stale, and then it is not kept.
+	 */
+	{
+		Oid			nsp = get_namespace_oid("eventbox", false);
+
+		r->rotation = publish_relid(nsp, "rotation");
+		r->seq = publish_relid(nsp, "log_id_seq");
+		for (k = 0; k < 3; k++)
+		{
+			char		relname[NAMEDATALEN];
+
+			snprintf(relname, sizeof(relname), "log_%d", k);
+			r->log[k] = publish_relid(nsp, relname);
+		}
+	}
+	rel = table_open(r->rotation, AccessShareLock);
+	attnum = get_attnum(RelationGetRelid(rel), "cur");
+	invalidated = publish_rels_invalidated;
+
+	/* the latest committed row: the transaction's snapshot may predate it */
+	scan = table_beginscan(rel, GetLatestSnapshot(), 0, NULL);
+	tuple = heap_getnext(scan, ForwardScanDirection);
 	if (tuple != NULL && attnum != InvalidAttrNumber)
 		cur = DatumGetInt16(heap_getattr(tuple, attnum, RelationGetDescr(rel), &isnull));
 	table_endscan(scan);
-	table_close(rel, NoLock);	/* the lock is kept until the end of the transaction */
+	table_close(rel, AccessShareLock);
 	if (isnull || cur < 0 || cur > 2)
 		elog(ERROR, "eventbox: eventbox.rotation has no current partition");
-	return cur;
+	r->cur = cur;
+	r->valid = (publish_rels_invalidated == invalidated);
+	return r;
+}
+
+/*
+ * What publish keeps about the indexes of each log partition, across
+ * calls: their descriptions (IndexInfo) and compiled predicates and key
+ * expressions.  Building them per call (ExecOpenIndices, and the three
+ * partial indexes' predicates compiled on first use in each executor
+ * state) cost about a quarter of a one-event publish.  An entry is dropped
+ * when a relcache invalidation names the partition or one of its indexes
+ * (creating, dropping or readying an index invalidates the table's entry)
+ * and rebuilt by the next publish into that partition, right after it has
+ * locked the partition, as ExecOpenIndices would read them then.
+ */
+#define PUBLISH_MAX_INDEXES 16
+
+typedef struct PublishIndex
+{
+	Oid			indexoid;
+	IndexInfo  *info;
+	ExprState  *predicate;		/* NULL: not a partial index */
+	List	   *expressions;	/* ExprStates of expression keys, in order */
+} PublishIndex;
+
+typedef struct PublishIndexes
+{
+	Oid			relid;			/* the partition; InvalidOid: not known */
+	MemoryContext cxt;			/* holds the entry; reset when rebuilt */
+	int			nindexes;
+	PublishIndex indexes[PUBLISH_MAX_INDEXES];
+} PublishIndexes;
+
+static PublishIndexes publish_indexes[3];
+static ExprContext *publish_econtext = NULL;
+
+static void
+publish_invalidate(Datum arg, Oid relid)
+{
+	int			k;
+	int			i;
+
+	publish_relations_invalidate(relid);
+	for (k = 0; k < (int) lengthof(publish_indexes); k++)
+	{
+		PublishIndexes *pi = &publish_indexes[k];
+
+		if (!OidIsValid(pi->relid))
+			continue;
+		if (!OidIsValid(relid) || relid == pi->relid)
+			pi->relid = InvalidOid;
+		for (i = 0; i < pi->nindexes && OidIsValid(pi->relid); i++)
+			if (pi->indexes[i].indexoid == relid)
+				pi->relid = InvalidOid;
+	}
+}
+
+/*
+ * publish_describe_indexes fills pi for the partition rel from its index
+ * relations, opened and locked, in indexrels.
+ */
+static void
+publish_describe_indexes(PublishIndexes *pi, Relation rel, Relation *indexrels, int n)
+{
+	MemoryContext old;
+	int			i;
+
+	if (pi->cxt == NULL)
+		pi->cxt = AllocSetContextCreate(TopMemoryContext, "eventbox publish indexes",
+										ALLOCSET_SMALL_SIZES);
+	MemoryContextReset(pi->cxt);
+	old = MemoryContextSwitchTo(pi->cxt);
+	for (i = 0; i < n; i++)
+	{
+		PublishIndex *ix = &pi->indexes[i];
+		ListCell   *lc;
+
+		ix->indexoid = RelationGetRelid(indexrels[i]);
+		ix->info = BuildIndexInfo(indexrels[i]);
+		if (ix->info->ii_ExclusionOps != NULL ||
+			(ix->info->ii_Unique && !indexrels[i]->rd_index->indimmediate))
+			ereport(ERROR,
+					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+					 errmsg("eventbox cannot publish into eventbox.%s: index \"%s\" is an exclusion or deferrable constraint",
+							RelationGetRelationName(rel),
+							RelationGetRelationName(indexrels[i])),
+					 errhint("Drop that index; the log needs no constraints.")));
+		ix->predicate = NULL;
+		if (ix->info->ii_Predicate != NIL)
+			ix->predicate = ExecInitQual((List *) expression_planner((Expr *) ix->info->ii_Predicate),
+										 NULL);
+		ix->expressions = NIL;
+		foreach(lc, ix->info->ii_Expressions)
+			ix->expressions = lappend(ix->expressions,
+									  ExecInitExpr(expression_planner((Expr *) lfirst(lc)), NULL));
+	}
+	pi->nindexes = n;
+	pi->relid = RelationGetRelid(rel);
+	MemoryContextSwitchTo(old);
 }
 
 /*
@@ -333,8 +518,8 @@ publish_current_partition(Oid nsp)
  * running an INSERT: routing a row through the partitioned table means
  * setting up an executor, a partition router and the partition's five
  * indexes for every statement, which cost more than the insert itself.
- * Locks are those an INSERT takes on the partition; the log has no
- * triggers, and its partition constraint (part = cur) holds by
+ * Locks are those an INSERT takes on the partition and its indexes; the
+ * log has no triggers, and its partition constraint (part = cur) holds by
  * construction.
  */
 typedef struct PublishTarget
@@ -342,25 +527,59 @@ typedef struct PublishTarget
 	Relation	rel;
 	int			part;
 	Oid			seq;			/* eventbox.log_id_seq */
-	EState	   *estate;
-	ResultRelInfo *rri;
+	PublishIndexes *ix;
+	int			nindexrels;
+	Relation	indexrels[PUBLISH_MAX_INDEXES];
 } PublishTarget;
 
 static void
 publish_open(PublishTarget *t)
 {
-	Oid			nsp = get_namespace_oid("eventbox", false);
-	char		relname[NAMEDATALEN];
+	PublishRelations *r;
+	List	   *indexes;
+	ListCell   *lc;
+	int			n = 0;
 
-	t->part = publish_current_partition(nsp);
-	snprintf(relname, sizeof(relname), "log_%d", t->part);
-	t->rel = table_open(publish_relid(nsp, relname), RowExclusiveLock);
+	if (publish_econtext == NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+		CacheRegisterRelcacheCallback(publish_invalidate, (Datum) 0);
+		publish_econtext = CreateStandaloneExprContext();
+		MemoryContextSwitchTo(old);
+	}
+
+	r = publish_relations();
+	t->part = r->cur;
+	t->seq = r->seq;
+	t->rel = table_open(r->log[t->part], RowExclusiveLock);
 	EventboxCheckLogColumns(t->rel);
-	t->seq = publish_relid(nsp, "log_id_seq");
-	t->estate = CreateExecutorState();
-	t->rri = makeNode(ResultRelInfo);
-	InitResultRelInfo(t->rri, t->rel, 1, NULL, 0);
-	ExecOpenIndices(t->rri, false);
+
+	/* the index list as of the partition's lock, as ExecOpenIndices reads it */
+	t->ix = &publish_indexes[t->part];
+	indexes = RelationGetIndexList(t->rel);
+	if (list_length(indexes) > PUBLISH_MAX_INDEXES)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("eventbox.%s has %d indexes, more than publish supports (%d)",
+						RelationGetRelationName(t->rel), list_length(indexes),
+						PUBLISH_MAX_INDEXES)));
+	foreach(lc, indexes)
+		t->indexrels[n++] = index_open(lfirst_oid(lc), RowExclusiveLock);
+	list_free(indexes);
+	t->nindexrels = n;
+	if (t->ix->relid != RelationGetRelid(t->rel) || t->ix->nindexes != n)
+		publish_describe_indexes(t->ix, t->rel, t->indexrels, n);
+	else
+	{
+		int			i;
+
+		for (i = 0; i < n; i++)
+			if (t->ix->indexes[i].indexoid != RelationGetRelid(t->indexrels[i]))
+				break;
+		if (i < n)
+			publish_describe_indexes(t->ix, t->rel, t->indexrels, n);
+	}
 }
 
 /*
@@ -372,7 +591,7 @@ publish_open(PublishTarget *t)
 static TupleTableSlot *
 publish_slot(PublishTarget *t, TupleDesc desc)
 {
-	return ExecInitExtraTupleSlot(t->estate, desc, table_slot_callbacks(t->rel));
+	return MakeSingleTupleTableSlot(desc, table_slot_callbacks(t->rel));
 }
 
 /*
@@ -385,6 +604,8 @@ publish_fill(PublishTarget *t, PublishEvent *ev, pg_uuid_t *uuid, TupleTableSlot
 	Datum	   *values;
 	bool	   *nulls;
 	int64		id = nextval_internal(t->seq, true);
+	TupleDesc	desc = slot->tts_tupleDescriptor;
+	int			i;
 
 	ExecClearTuple(slot);
 	values = slot->tts_values;
@@ -406,9 +627,61 @@ publish_fill(PublishTarget *t, PublishEvent *ev, pg_uuid_t *uuid, TupleTableSlot
 	nulls[10] = !ev->has_deliver_at;
 	values[11] = PointerGetDatum(ev->dedupe_key);
 	nulls[11] = (ev->dedupe_key == NULL);
+	/* the NOT NULL constraints (the log has no others) */
+	for (i = 0; i < EVENTBOX_LOG_NATTS; i++)
+		if (nulls[i] && TupleDescAttr(desc, i)->attnotnull)
+			ereport(ERROR,
+					(errcode(ERRCODE_NOT_NULL_VIOLATION),
+					 errmsg("null value in column \"%s\" of relation \"%s\" violates not-null constraint",
+							NameStr(TupleDescAttr(desc, i)->attname),
+							RelationGetRelationName(t->rel))));
 	ExecStoreVirtualTuple(slot);
-	ExecConstraints(t->rri, slot, t->estate);
 	return id;
+}
+
+/*
+ * publish_index_row inserts the index entries of one stored row, as
+ * ExecInsertIndexTuples does: an index whose predicate the row fails gets
+ * none, one that is not ready for inserts yet (being built concurrently)
+ * is left out.
+ */
+static void
+publish_index_row(PublishTarget *t, TupleTableSlot *slot)
+{
+	ExprContext *econtext = publish_econtext;
+	int			i;
+
+	econtext->ecxt_scantuple = slot;
+	for (i = 0; i < t->ix->nindexes; i++)
+	{
+		PublishIndex *ix = &t->ix->indexes[i];
+		IndexInfo  *info = ix->info;
+		Datum		values[INDEX_MAX_KEYS];
+		bool		isnull[INDEX_MAX_KEYS];
+		ListCell   *expr = list_head(ix->expressions);
+		int			k;
+
+		if (!info->ii_ReadyForInserts)
+			continue;
+		if (ix->predicate != NULL && !ExecQual(ix->predicate, econtext))
+			continue;
+		for (k = 0; k < info->ii_NumIndexAttrs; k++)
+		{
+			AttrNumber	att = info->ii_IndexAttrNumbers[k];
+
+			if (att != 0)
+				values[k] = slot_getattr(slot, att, &isnull[k]);
+			else
+			{
+				values[k] = ExecEvalExprSwitchContext(lfirst(expr), econtext, &isnull[k]);
+				expr = lnext(ix->expressions, expr);
+			}
+		}
+		(void) index_insert(t->indexrels[i], values, isnull, &slot->tts_tid, t->rel,
+							info->ii_Unique ? UNIQUE_CHECK_YES : UNIQUE_CHECK_NO,
+							false, info);
+	}
+	ResetExprContext(econtext);
 }
 
 /*
@@ -426,15 +699,16 @@ publish_write(PublishTarget *t, TupleTableSlot **slots, int n)
 	else
 		table_multi_insert(t->rel, slots, n, GetCurrentCommandId(true), 0, NULL);
 	for (i = 0; i < n; i++)
-		(void) ExecInsertIndexTuples(t->rri, slots[i], t->estate, false, false, NULL, NIL);
+		publish_index_row(t, slots[i]);
 }
 
 static void
 publish_close(PublishTarget *t)
 {
-	ExecCloseIndices(t->rri);
-	ExecResetTupleTable(t->estate->es_tupleTable, false);
-	FreeExecutorState(t->estate);
+	int			i;
+
+	for (i = 0; i < t->nindexrels; i++)
+		index_close(t->indexrels[i], NoLock);
 	table_close(t->rel, NoLock);
 
 	/* later commands of the transaction see the events, as after an INSERT */
@@ -456,6 +730,7 @@ publish_insert(PublishEvent *ev, pg_uuid_t *uuid)
 	slot = publish_slot(&t, RelationGetDescr(t.rel));
 	id = publish_fill(&t, ev, uuid, slot);
 	publish_write(&t, &slot, 1);
+	ExecDropSingleTupleTableSlot(slot);
 	publish_close(&t);
 	return id;
 }
@@ -738,6 +1013,8 @@ publish_batch_work(FunctionCallInfo fcinfo)
 		}
 		if (used > 0)
 			publish_write(&t, slots, used);
+		for (i = 0; i < nslots; i++)
+			ExecDropSingleTupleTableSlot(slots[i]);
 		publish_close(&t);
 	}
 	EventboxNotePublished();
