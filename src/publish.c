@@ -241,36 +241,76 @@ publish_empty_object(Jsonb **cache)
 }
 
 /*
- * publish_dedupe takes the transaction-level lock of a dedupe key and
- * returns the id of an event published with that key inside the dedupe
- * window, or 0.  The lock makes a concurrent publisher of the same key wait
- * until we commit or roll back; it then sees our event, whatever its
- * isolation level.
+ * Dedupe locks.  A publish with a dedupe key holds, until its transaction
+ * ends, an exclusive lock on the key (its 32-bit hash) and the lock of all
+ * keys in RowExclusiveLock mode, which such publishes share.  A
+ * publish_batch with more than PUBLISH_DEDUPE_MANY distinct keys takes the
+ * lock of all keys in ExclusiveLock mode instead, and no lock per key: it
+ * waits for every dedupe publish in progress and holds off new ones until
+ * it ends.  One lock per key ran out of the shared lock table (about
+ * max_locks_per_transaction times max_connections entries, 6,400 with the
+ * defaults) for batches of some thousands of keys, failing them with "out
+ * of shared memory".  field4 of the tags differs from the 1 and 2 that
+ * SQL's advisory locks use; field3 tells the lock of all keys (1) from a
+ * key's (0).
  */
-static int64
-publish_dedupe(text *key)
+#define PUBLISH_DEDUPE_MANY 64
+
+static void
+publish_dedupe_lock_all(LOCKMODE mode)
 {
 	LOCKTAG		tag;
+
+	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, 0, 1, EVENTBOX_DEDUPE_LOCK_FIELD4);
+	(void) LockAcquire(&tag, mode, false, false);
+}
+
+/*
+ * publish_dedupe returns the id of an event published with key inside the
+ * dedupe window, or 0.  Unless the caller holds the lock of all keys
+ * exclusively (all_locked), it first takes the key's locks (above), which
+ * make a concurrent publisher of the same key wait until we commit or roll
+ * back; it then sees our event, whatever its isolation level.
+ */
+static int64
+publish_dedupe(text *key, bool all_locked)
+{
 	Datum		values[2];
 	int			rc;
 	int			level;
 	int64		found = 0;
 
-	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId,
-						 hash_bytes((unsigned char *) VARDATA_ANY(key),
-									VARSIZE_ANY_EXHDR(key)),
-						 0, EVENTBOX_DEDUPE_LOCK_FIELD4);
-	(void) LockAcquire(&tag, ExclusiveLock, false, false);
+	if (!all_locked)
+	{
+		LOCKTAG		tag;
+
+		publish_dedupe_lock_all(RowExclusiveLock);
+		SET_LOCKTAG_ADVISORY(tag, MyDatabaseId,
+							 hash_bytes((unsigned char *) VARDATA_ANY(key),
+										VARSIZE_ANY_EXHDR(key)),
+							 0, EVENTBOX_DEDUPE_LOCK_FIELD4);
+		(void) LockAcquire(&tag, ExclusiveLock, false, false);
+	}
 
 	if (publish_dedupe_plan == NULL)
 	{
 		Oid			types[2] = {TEXTOID, INT4OID};
 
+		/*
+		 * The first event with the key: all of them (there is one, or a
+		 * few) through the dedupe index, then the lowest id.  Not "ORDER BY
+		 * id LIMIT 1": without statistics on a partition (a fresh one, or
+		 * one filled faster than autovacuum analyzes it) the planner walked
+		 * its id index from the lowest id and filtered every event, and
+		 * the plan is kept for the backend's life.  OFFSET 0 keeps min()
+		 * from being turned back into that.
+		 */
 		publish_dedupe_plan = EventboxPreparePlan(
-												  "SELECT id FROM eventbox.log"
-												  " WHERE dedupe_key = $1 COLLATE \"C\""
-												  " AND occurred_at >= pg_catalog.now() - pg_catalog.make_interval(secs => $2)"
-												  " ORDER BY id LIMIT 1",
+												  "SELECT pg_catalog.min(d.id) FROM"
+												  " (SELECT id FROM eventbox.log"
+												  "  WHERE dedupe_key = $1 COLLATE \"C\""
+												  "  AND occurred_at >= pg_catalog.now() - pg_catalog.make_interval(secs => $2)"
+												  "  OFFSET 0) d",
 												  2, types);
 	}
 	values[0] = PointerGetDatum(key);
@@ -292,8 +332,11 @@ publish_dedupe(text *key)
 	{
 		bool		isnull;
 
-		found = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
-											SPI_tuptable->tupdesc, 1, &isnull));
+		Datum		first = SPI_getbinval(SPI_tuptable->vals[0],
+										  SPI_tuptable->tupdesc, 1, &isnull);
+
+		if (!isnull)
+			found = DatumGetInt64(first);
 	}
 	return found;
 }
@@ -778,7 +821,7 @@ publish(PG_FUNCTION_ARGS)
 		EventboxPushSearchPath();
 		if (SPI_connect() != SPI_OK_CONNECT)
 			elog(ERROR, "eventbox: SPI_connect failed");
-		id = publish_dedupe(ev.dedupe_key);
+		id = publish_dedupe(ev.dedupe_key, false);
 		SPI_finish();
 		EventboxPopSearchPath();
 	}
@@ -903,6 +946,37 @@ publish_batch_parse(JsonbValue *elem, int index, PublishEvent *ev,
 		ev->headers = publish_empty_object(empty);
 }
 
+/* the elements publish_key_cmp sorts */
+static PublishEvent *publish_sort_evs;
+
+/* publish_key_compare orders elements a and b by their dedupe keys' bytes */
+static int
+publish_key_compare(int a, int b)
+{
+	text	   *ka = publish_sort_evs[a].dedupe_key;
+	text	   *kb = publish_sort_evs[b].dedupe_key;
+	int			la = VARSIZE_ANY_EXHDR(ka);
+	int			lb = VARSIZE_ANY_EXHDR(kb);
+	int			c = memcmp(VARDATA_ANY(ka), VARDATA_ANY(kb), Min(la, lb));
+
+	if (c != 0)
+		return c;
+	return (la > lb) - (la < lb);
+}
+
+/* qsort comparator of element numbers: by dedupe key, then input order */
+static int
+publish_key_cmp(const void *a, const void *b)
+{
+	int			ia = *(const int *) a;
+	int			ib = *(const int *) b;
+	int			c = publish_key_compare(ia, ib);
+
+	if (c != 0)
+		return c;
+	return (ia > ib) - (ia < ib);
+}
+
 /*
  * publish_batch_work does the work of publish_batch (below), allocating in
  * the current memory context.
@@ -923,6 +997,9 @@ publish_batch_work(FunctionCallInfo fcinfo)
 	PublishEvent *evs;
 	int64	   *ids;
 	pg_uuid_t  *uuids;
+	int		   *keyed;			/* elements with a dedupe key */
+	int			nkeyed = 0;
+	int			nkeys = 0;		/* distinct keys */
 
 	if (PG_ARGISNULL(0))
 		ereport(ERROR,
@@ -960,29 +1037,40 @@ publish_batch_work(FunctionCallInfo fcinfo)
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "eventbox: SPI_connect failed");
 
+	/*
+	 * Dedupe keys: sorted, so that an element whose key an earlier element
+	 * of the batch has takes that element's id (resolved after the insert),
+	 * and the first of each key is looked up.
+	 */
+	keyed = palloc(sizeof(int) * n);
 	for (i = 0; i < n; i++)
+		if (evs[i].dedupe_key != NULL)
+			keyed[nkeyed++] = i;
+	publish_sort_evs = evs;
+	qsort(keyed, nkeyed, sizeof(int), publish_key_cmp);
+	for (i = 0; i < nkeyed; i++)
+		if (i == 0 || publish_key_compare(keyed[i - 1], keyed[i]) != 0)
+			nkeys++;
+	if (nkeys > PUBLISH_DEDUPE_MANY)
+		publish_dedupe_lock_all(ExclusiveLock);
+	for (i = 0; i < nkeyed; i++)
 	{
-		PublishEvent *ev = &evs[i];
+		int			k = keyed[i];
 
-		if (ev->dedupe_key != NULL)
+		CHECK_FOR_INTERRUPTS();
+		if (i > 0 && publish_key_compare(keyed[i - 1], keyed[i]) == 0)
 		{
-			int			j;
+			/* the first element with this key: negative, as that one's may be */
+			int			first = (ids[keyed[i - 1]] < 0) ? -ids[keyed[i - 1]] - 1 : keyed[i - 1];
 
-			/* same key earlier in this batch: that event's id */
-			for (j = 0; j < i && ids[i] == 0; j++)
-			{
-				if (evs[j].dedupe_key != NULL &&
-					VARSIZE_ANY_EXHDR(evs[j].dedupe_key) == VARSIZE_ANY_EXHDR(ev->dedupe_key) &&
-					memcmp(VARDATA_ANY(evs[j].dedupe_key), VARDATA_ANY(ev->dedupe_key),
-						   VARSIZE_ANY_EXHDR(ev->dedupe_key)) == 0)
-					ids[i] = -(j + 1);	/* resolved after the insert */
-			}
-			if (ids[i] == 0)
-				ids[i] = publish_dedupe(ev->dedupe_key);
+			ids[k] = -(first + 1);
 		}
+		else
+			ids[k] = publish_dedupe(evs[k].dedupe_key, nkeys > PUBLISH_DEDUPE_MANY);
+	}
+	for (i = 0; i < n; i++)
 		if (ids[i] == 0)
 			nnew++;
-	}
 	SPI_finish();
 	EventboxPopSearchPath();
 
