@@ -997,16 +997,24 @@ CREATE FUNCTION eventbox._pending(s eventbox.subscriptions)
 RETURNS SETOF eventbox.log
 LANGUAGE sql STABLE
 AS $$
+	-- Not in the cursor's snapshot: the events from its xmax on, and those
+	-- of the transactions it lists as in progress, each read by its txid
+	-- once it has ended.  Not "from its xmin on", which read everything
+	-- published since the oldest open transaction began.
 	SELECT l.*
 	FROM eventbox.cursors c
-		 JOIN eventbox.log l
-		   ON l.txid >= pg_snapshot_xmin(c.snap)
-		  AND NOT pg_visible_in_snapshot(l.txid, c.snap)
-		  AND NOT (c.target IS NOT NULL
-				   AND pg_visible_in_snapshot(l.txid, c.target)
-				   AND CASE WHEN s.lanes > 1 THEN l.id <= c.pos_id
-							ELSE (l.txid, l.id) <= (c.pos_txid, c.pos_id) END)
+		 CROSS JOIN LATERAL (
+			SELECT b.* FROM eventbox.log b
+			WHERE b.txid >= pg_snapshot_xmax(c.snap)
+			UNION ALL
+			SELECT i.* FROM pg_snapshot_xip(c.snap) x(txid)
+				 JOIN eventbox.log i ON i.txid = x.txid
+			WHERE pg_visible_in_snapshot(x.txid, pg_current_snapshot())) l
 	WHERE c.sub_id = s.sub_id
+	  AND NOT (c.target IS NOT NULL
+			   AND pg_visible_in_snapshot(l.txid, c.target)
+			   AND CASE WHEN s.lanes > 1 THEN l.id <= c.pos_id
+						ELSE (l.txid, l.id) <= (c.pos_txid, c.pos_id) END)
 	  AND (s.type_regex IS NULL OR eventbox._type_matches(l.event_type, s.type_regex))
 	  AND (s.lanes = 1 OR eventbox._lane(l.aggregate_type, l.aggregate_id, l.id, s.lanes) = c.lane)
 	UNION ALL

@@ -102,3 +102,37 @@ WHERE schemaname = 'eventbox' AND indexrelname ~ '^log_[0-9]+_aggregate_type_';
 RESET enable_seqscan;
 
 SELECT eventbox.unsubscribe('t09');
+
+-- pending beside a transaction that stays open: the cursor's snapshot
+-- lists it as in progress (its xmin stays there), yet counting reads only
+-- what came after the cursor's last move, and the open transaction's
+-- events once it has committed.  (eventbox._pending, what stats counts
+-- with, for this subscription alone, and by index scans as on a large
+-- log, so that the index statistics show what it read.)
+SELECT eventbox.subscribe('t09_open', event_types => '{t09o.*}');
+BEGIN;
+SELECT eventbox.publish('t09o.late', '{"n": 1}') > 0 AS published;
+PREPARE TRANSACTION 't09_open';
+SELECT count(*) FROM eventbox.publish_batch((
+	SELECT jsonb_agg(jsonb_build_object('event_type', 't09o.bulk')) FROM generate_series(1, 500)));
+SELECT count(*) AS claimed FROM eventbox.claim_batch(1000, 't09_open');
+SELECT eventbox.ack(array_agg(id), 't09_open') AS acked
+FROM eventbox.log WHERE event_type = 't09o.bulk';
+SELECT pg_stat_force_next_flush();
+SELECT sum(idx_tup_read) AS txid_read_before FROM pg_stat_user_indexes
+WHERE schemaname = 'eventbox' AND indexrelname ~ '^log_[0-9]+_txid_id_idx$' \gset
+SET enable_seqscan = off;
+SET enable_bitmapscan = off;
+SELECT count(*) AS pending
+FROM eventbox.subscriptions s CROSS JOIN LATERAL eventbox._pending(s) p
+WHERE s.name = 't09_open';
+RESET enable_seqscan;
+RESET enable_bitmapscan;
+SELECT pg_stat_force_next_flush();
+SELECT sum(idx_tup_read) - :txid_read_before < 100 AS read_only_what_is_new
+FROM pg_stat_user_indexes
+WHERE schemaname = 'eventbox' AND indexrelname ~ '^log_[0-9]+_txid_id_idx$';
+COMMIT PREPARED 't09_open';
+SELECT pending FROM eventbox.stats WHERE subscription = 't09_open';
+SELECT event_type FROM eventbox.claim_batch(10, 't09_open');
+SELECT eventbox.unsubscribe('t09_open');

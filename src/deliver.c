@@ -116,8 +116,23 @@ deliver_prepare_plans(void)
 	 * cursor is probed for its first claimable event in (txid, id) order, so
 	 * that the probe is an index scan that stops at the first match; the
 	 * set-returning eventbox._pending() (which the stats view counts with)
-	 * was planned as a scan of the whole log, every DELIVER_TIMER_MS.
+	 * was planned as a scan of the whole log, every DELIVER_TIMER_MS.  The
+	 * events not yet in the cursor's snapshot are those from its xmax on
+	 * and those of the transactions it lists as in progress; each of those
+	 * is probed by its own txid, and only once it has ended.  Reading from
+	 * the snapshot's xmin on instead read everything published since the
+	 * oldest open transaction began, on every check (30,000 events 3.5 ms
+	 * after 30,000 claims beside one open writing transaction).
 	 */
+#define DELIVER_WAKE_DUE \
+	"   AND NOT (c.target IS NOT NULL" \
+	"            AND pg_visible_in_snapshot(l.txid, c.target)" \
+	"            AND CASE WHEN s.lanes > 1 THEN l.id <= c.pos_id" \
+	"                ELSE (l.txid, l.id) <= (c.pos_txid, c.pos_id) END)" \
+	"   AND (s.type_regex IS NULL OR eventbox._type_matches(l.event_type, s.type_regex))" \
+	"   AND (s.lanes = 1 OR eventbox._lane(l.aggregate_type," \
+	"        l.aggregate_id, l.id, s.lanes) = c.lane)" \
+	"   AND (l.deliver_at IS NULL OR l.deliver_at <= $1)"
 	plan_pull_wake = EventboxPreparePlan(
 										 "SELECT s.channel, CASE s.notify"
 										 "  WHEN 'wakeup' THEN jsonb_build_object('subscription', s.name,"
@@ -128,22 +143,19 @@ deliver_prepare_plans(void)
 										 " WHERE s.mode = 'pull' AND s.notify <> 'none' AND NOT s.paused"
 										 " AND (EXISTS (SELECT FROM eventbox.retries r"
 										 "              WHERE r.sub_id = s.sub_id AND r.next_attempt_at <= $1)"
-										 "      OR EXISTS (SELECT FROM eventbox.cursors c CROSS JOIN LATERAL"
-										 "        (SELECT FROM eventbox.log l"
-										 "         WHERE l.txid >= pg_snapshot_xmin(c.snap)"
-										 "           AND NOT pg_visible_in_snapshot(l.txid, c.snap)"
-										 "           AND NOT (c.target IS NOT NULL"
-										 "                    AND pg_visible_in_snapshot(l.txid, c.target)"
-										 "                    AND CASE WHEN s.lanes > 1 THEN l.id <= c.pos_id"
-										 "                        ELSE (l.txid, l.id) <= (c.pos_txid, c.pos_id) END)"
-										 "           AND (s.type_regex IS NULL OR eventbox._type_matches(l.event_type, s.type_regex))"
-										 "           AND (s.lanes = 1 OR eventbox._lane(l.aggregate_type,"
-										 "                l.aggregate_id, l.id, s.lanes) = c.lane)"
-										 "           AND (l.deliver_at IS NULL OR l.deliver_at <= $1)"
-										 "         ORDER BY l.txid LIMIT 1) p"
-										 "        WHERE c.sub_id = s.sub_id))"
+										 "      OR EXISTS (SELECT FROM eventbox.cursors c"
+										 "        WHERE c.sub_id = s.sub_id"
+										 "        AND (EXISTS (SELECT FROM eventbox.log l"
+										 "              WHERE l.txid >= pg_snapshot_xmax(c.snap)"
+										 DELIVER_WAKE_DUE
+										 "              ORDER BY l.txid LIMIT 1)"
+										 "          OR EXISTS (SELECT FROM pg_snapshot_xip(c.snap) x(txid)"
+										 "              JOIN eventbox.log l ON l.txid = x.txid"
+										 "              WHERE pg_visible_in_snapshot(x.txid, pg_current_snapshot())"
+										 DELIVER_WAKE_DUE "))))"
 										 " ORDER BY s.sub_id",
 										 1, t_ts);
+#undef DELIVER_WAKE_DUE
 	plan_next_due = EventboxPreparePlan(
 										"SELECT LEAST("
 										" (SELECT min(next_attempt_at) FROM eventbox.retries"
