@@ -121,8 +121,9 @@ deliver_prepare_plans(void)
 	 * and those of the transactions it lists as in progress; each of those
 	 * is probed by its own txid, and only once it has ended.  Reading from
 	 * the snapshot's xmin on instead read everything published since the
-	 * oldest open transaction began, on every check (30,000 events 3.5 ms
-	 * after 30,000 claims beside one open writing transaction).
+	 * oldest open transaction began, on every check (30,002 rows filtered,
+	 * 4.5 ms, after 10,000 claims of 30,000 events beside one open writing
+	 * transaction; now 4 rows, 0.46 ms).
 	 */
 #define DELIVER_WAKE_DUE \
 	"   AND NOT (c.target IS NOT NULL" \

@@ -377,7 +377,7 @@ typedef struct PublishRelations
 	Oid			rotation;
 	Oid			seq;			/* eventbox.log_id_seq */
 	Oid			log[3];			/* eventbox.log_0 .. log_2 */
-	int			cur;			/* the current partition; -1: read it */
+	int			cur;			/* the current partition */
 } PublishRelations;
 
 static PublishRelations publish_rels = {false};
@@ -511,6 +511,20 @@ publish_invalidate(Datum arg, Oid relid)
 	}
 }
 
+/* publish_indexes_current: does pi describe rel's n indexes, indexrels? */
+static bool
+publish_indexes_current(PublishIndexes *pi, Relation rel, Relation *indexrels, int n)
+{
+	int			i;
+
+	if (pi->relid != RelationGetRelid(rel) || pi->nindexes != n)
+		return false;
+	for (i = 0; i < n; i++)
+		if (pi->indexes[i].indexoid != RelationGetRelid(indexrels[i]))
+			return false;
+	return true;
+}
+
 /*
  * publish_describe_indexes fills pi for the partition rel from its index
  * relations, opened and locked, in indexrels.
@@ -611,18 +625,8 @@ publish_open(PublishTarget *t)
 		t->indexrels[n++] = index_open(lfirst_oid(lc), RowExclusiveLock);
 	list_free(indexes);
 	t->nindexrels = n;
-	if (t->ix->relid != RelationGetRelid(t->rel) || t->ix->nindexes != n)
+	if (!publish_indexes_current(t->ix, t->rel, t->indexrels, n))
 		publish_describe_indexes(t->ix, t->rel, t->indexrels, n);
-	else
-	{
-		int			i;
-
-		for (i = 0; i < n; i++)
-			if (t->ix->indexes[i].indexoid != RelationGetRelid(t->indexrels[i]))
-				break;
-		if (i < n)
-			publish_describe_indexes(t->ix, t->rel, t->indexrels, n);
-	}
 }
 
 /*
@@ -946,15 +950,12 @@ publish_batch_parse(JsonbValue *elem, int index, PublishEvent *ev,
 		ev->headers = publish_empty_object(empty);
 }
 
-/* the elements publish_key_cmp sorts */
-static PublishEvent *publish_sort_evs;
-
-/* publish_key_compare orders elements a and b by their dedupe keys' bytes */
+/* publish_key_compare orders elements a and b of evs by their dedupe keys' bytes */
 static int
-publish_key_compare(int a, int b)
+publish_key_compare(const PublishEvent *evs, int a, int b)
 {
-	text	   *ka = publish_sort_evs[a].dedupe_key;
-	text	   *kb = publish_sort_evs[b].dedupe_key;
+	text	   *ka = evs[a].dedupe_key;
+	text	   *kb = evs[b].dedupe_key;
 	int			la = VARSIZE_ANY_EXHDR(ka);
 	int			lb = VARSIZE_ANY_EXHDR(kb);
 	int			c = memcmp(VARDATA_ANY(ka), VARDATA_ANY(kb), Min(la, lb));
@@ -964,13 +965,13 @@ publish_key_compare(int a, int b)
 	return (la > lb) - (la < lb);
 }
 
-/* qsort comparator of element numbers: by dedupe key, then input order */
+/* qsort_arg comparator of element numbers of evs: by dedupe key, then input order */
 static int
-publish_key_cmp(const void *a, const void *b)
+publish_key_cmp(const void *a, const void *b, void *evs)
 {
 	int			ia = *(const int *) a;
 	int			ib = *(const int *) b;
-	int			c = publish_key_compare(ia, ib);
+	int			c = publish_key_compare(evs, ia, ib);
 
 	if (c != 0)
 		return c;
@@ -1000,6 +1001,7 @@ publish_batch_work(FunctionCallInfo fcinfo)
 	int		   *keyed;			/* elements with a dedupe key */
 	int			nkeyed = 0;
 	int			nkeys = 0;		/* distinct keys */
+	int			first = 0;		/* the first element with the current key */
 
 	if (PG_ARGISNULL(0))
 		ereport(ERROR,
@@ -1046,10 +1048,9 @@ publish_batch_work(FunctionCallInfo fcinfo)
 	for (i = 0; i < n; i++)
 		if (evs[i].dedupe_key != NULL)
 			keyed[nkeyed++] = i;
-	publish_sort_evs = evs;
-	qsort(keyed, nkeyed, sizeof(int), publish_key_cmp);
+	qsort_arg(keyed, nkeyed, sizeof(int), publish_key_cmp, evs);
 	for (i = 0; i < nkeyed; i++)
-		if (i == 0 || publish_key_compare(keyed[i - 1], keyed[i]) != 0)
+		if (i == 0 || publish_key_compare(evs, keyed[i - 1], keyed[i]) != 0)
 			nkeys++;
 	if (nkeys > PUBLISH_DEDUPE_MANY)
 		publish_dedupe_lock_all(ExclusiveLock);
@@ -1058,15 +1059,13 @@ publish_batch_work(FunctionCallInfo fcinfo)
 		int			k = keyed[i];
 
 		CHECK_FOR_INTERRUPTS();
-		if (i > 0 && publish_key_compare(keyed[i - 1], keyed[i]) == 0)
-		{
-			/* the first element with this key: negative, as that one's may be */
-			int			first = (ids[keyed[i - 1]] < 0) ? -ids[keyed[i - 1]] - 1 : keyed[i - 1];
-
+		if (i > 0 && publish_key_compare(evs, keyed[i - 1], k) == 0)
 			ids[k] = -(first + 1);
-		}
 		else
+		{
+			first = k;
 			ids[k] = publish_dedupe(evs[k].dedupe_key, nkeys > PUBLISH_DEDUPE_MANY);
+		}
 	}
 	for (i = 0; i < n; i++)
 		if (ids[i] == 0)
