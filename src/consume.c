@@ -1355,7 +1355,7 @@ consume_prepare_claim_plans(void)
  * Where the newest version of each cursor row was when this backend last
  * locked or wrote it.  A cursor row is updated on every claim, and while a
  * long transaction holds the xmin horizon none of its old versions can be
- * pruned: a lookup through the primary key then visits every one of them
+ * pruned: a lookup through the index then visits every one of them
  * (tens of thousands after a minute of claims).  The cursor is therefore
  * locked by its last known ctid first, a single tuple fetch; if that
  * version is no longer visible (another backend moved the cursor, or the

@@ -507,19 +507,20 @@ deliver_load_subs(void)
  * The pull wake-up check reads every pull cursor of the subscriptions that
  * want wake-ups, and a consumer updates its cursor on every claim.  While a
  * transaction holds the xmin horizon none of the old versions can be
- * pruned, and a lookup through the primary key walks all of them: one per
- * claim since the horizon was pinned (0.77 ms per check after 10,000
- * claims, and the worker spent most of its time there in the steady-state
- * benchmark).  So the worker remembers, per lane, the version it found
- * last and follows the update chain from there to the version `snap` sees,
- * which visits only the versions written since the last check.  A version
- * that is gone (pruned, its slot reused, the row moved by compaction or
- * deleted) or that leads to another row sends the lookup through the key.
+ * pruned, and a lookup through the index on (sub_id, lane) walks all of
+ * them: one per claim since the horizon was pinned (0.77 ms per check after
+ * 10,000 claims, and the worker spent most of its time there in the
+ * steady-state benchmark).  So the worker remembers, per lane, the version
+ * it found last and follows the update chain from there to the version
+ * `snap` sees, which visits only the versions written since the last
+ * check.  A version that is gone (pruned, its slot reused, the row moved by
+ * compaction or deleted) or that leads to another row sends the lookup
+ * through the key.
  *
- * The primary key allows one visible version per (sub_id, lane), so a
- * visible version with the right key is the one the key would have found.
- * Returns the versions found as a tid[]; the check then runs with the same
- * snapshot.
+ * There is one row per (sub_id, lane) (see eventbox.cursors), so a snapshot
+ * sees one version of it: a visible version with the right key is the one
+ * the key would have found.  deliver_pull_cursors returns the versions
+ * found as a tid[]; the check then runs with the same snapshot.
  */
 static bool
 deliver_cursor_follow(TableScanDesc scan, TupleTableSlot *slot, Snapshot snap,

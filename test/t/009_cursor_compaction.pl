@@ -12,7 +12,7 @@
 # - a row that a claim holds locked is left where it is until the lock goes;
 # - the worker's wake-up check for the pull subscription follows the
 #   cursor row from the version it saw last instead of looking it up
-#   through the primary key (which walks every version the claims left):
+#   through its index (which walks every version the claims left):
 #   each publish still wakes the consumer, and the key is not read;
 # - across the moves the pull consumer gets every event once, and the
 #   worker's push_once position (held in memory, written by ctid) is kept:
@@ -91,9 +91,9 @@ cmp_ok($node->safe_psql('postgres', $cc_page), '>=', $page,
 
 # --- the wake-up check follows the cursor row, not its key -------------------------
 # Every claim above left a version of the 'cc' row; a lookup through the
-# primary key visits all 3,000.  Each wake-up below comes from a check that
+# index on (sub_id, lane) visits all 3,000.  Each wake-up below comes from a check that
 # read the row (one key lookup each, before the check followed versions).
-my $key_reads = q{SELECT pg_stat_get_numscans('eventbox.cursors_pkey'::regclass)};
+my $key_reads = q{SELECT pg_stat_get_numscans('eventbox.cursors_sub_lane_idx'::regclass)};
 my $listener = EventboxListener->start($node, 'postgres', ['cc']);
 my $consumer = $node->background_psql('postgres');
 $consumer->query_safe("SELECT count(*) FROM eventbox.claim_batch(10, 'cc')");
