@@ -165,6 +165,10 @@ CREATE TABLE eventbox.cursors (
 -- rows are then only updated, moved within a statement (compaction) and
 -- deleted with their subscription.
 CREATE INDEX cursors_sub_lane_idx ON eventbox.cursors (sub_id, lane);
+-- Without a key, a publication of all tables (logical replication, change
+-- data capture) would refuse every claim's UPDATE: the whole row, then, is
+-- the replica identity (it costs WAL only with wal_level = logical).
+ALTER TABLE eventbox.cursors REPLICA IDENTITY FULL;
 
 -- In-flight batches: one row per claim and lane, not per event.
 CREATE TABLE eventbox.batches (
@@ -231,6 +235,8 @@ CREATE TABLE eventbox.counters (
 	at				timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp()
 );
 CREATE INDEX counters_sub_idx ON eventbox.counters (sub_id);
+-- no key: see eventbox.cursors (unsubscribe deletes a subscription's rows)
+ALTER TABLE eventbox.counters REPLICA IDENTITY FULL;
 
 REVOKE ALL ON ALL TABLES IN SCHEMA eventbox FROM PUBLIC;
 REVOKE ALL ON SEQUENCE eventbox.log_id_seq FROM PUBLIC;

@@ -80,7 +80,7 @@ deliver_prepare_plans(void)
 {
 	Oid			t_ts[1] = {TIMESTAMPTZOID};
 	Oid			t_wake[2] = {TIMESTAMPTZOID, TIDARRAYOID};
-	Oid			t_sub_lane[2] = {INT4OID, INT4OID};
+	Oid			t_subs[1] = {INT4ARRAYOID};
 
 	if (plan_next_due != NULL)
 		return;
@@ -168,9 +168,9 @@ deliver_prepare_plans(void)
 										 " ORDER BY s.sub_id",
 										 2, t_wake);
 #undef DELIVER_WAKE_DUE
-	plan_cursor_key = EventboxPreparePlan("SELECT ctid FROM eventbox.cursors"
-										  " WHERE sub_id = $1 AND lane = $2",
-										  2, t_sub_lane);
+	plan_cursor_key = EventboxPreparePlan("SELECT sub_id, lane, ctid FROM eventbox.cursors"
+										  " WHERE sub_id = ANY ($1)",
+										  1, t_subs);
 	plan_next_due = EventboxPreparePlan(
 										"SELECT LEAST("
 										" (SELECT min(next_attempt_at) FROM eventbox.retries"
@@ -513,9 +513,9 @@ deliver_load_subs(void)
  * steady-state benchmark).  So the worker remembers, per lane, the version
  * it found last and follows the update chain from there to the version
  * `snap` sees, which visits only the versions written since the last
- * check.  A version that is gone (pruned, its slot reused, the row moved by
- * compaction or deleted) or that leads to another row sends the lookup
- * through the key.
+ * check.  The lanes whose version is gone (pruned, its slot reused, the
+ * row moved by compaction or deleted) or leads to another row are looked up
+ * through the key, together.
  *
  * There is one row per (sub_id, lane) (see eventbox.cursors), so a snapshot
  * sees one version of it: a visible version with the right key is the one
@@ -537,6 +537,12 @@ deliver_cursor_follow(TableScanDesc scan, TupleTableSlot *slot, Snapshot snap,
 		DatumGetInt32(slot_getattr(slot, 2, &isnull)) == lane;
 }
 
+static bool
+deliver_wants_wakeup(const DeliverSub *sub)
+{
+	return strcmp(sub->mode, "pull") == 0 && strcmp(sub->notify, "none") != 0;
+}
+
 static Datum
 deliver_pull_cursors(Snapshot snap)
 {
@@ -544,13 +550,17 @@ deliver_pull_cursors(Snapshot snap)
 	TableScanDesc scan;
 	TupleTableSlot *slot;
 	Datum	   *found;
+	Datum	   *missed;
+	int			nmissed = 0;
 	int			n = 0;
 	int			max = 0;
 	int			i;
+	int32		lane;
 
 	for (i = 0; i < nsubs; i++)
 		max += subs[i].lanes;
 	found = palloc(sizeof(Datum) * Max(max, 1));
+	missed = palloc(sizeof(Datum) * Max(nsubs, 1));
 	rel = table_open(get_relname_relid("cursors", get_namespace_oid("eventbox", false)),
 					 AccessShareLock);
 	scan = table_beginscan_tid(rel, snap);
@@ -558,41 +568,68 @@ deliver_pull_cursors(Snapshot snap)
 	for (i = 0; i < nsubs; i++)
 	{
 		DeliverSub *sub = &subs[i];
-		int32		lane;
+		bool		miss = false;
 
-		if (strcmp(sub->mode, "pull") != 0 || strcmp(sub->notify, "none") == 0)
+		if (!deliver_wants_wakeup(sub))
 			continue;
 		for (lane = 0; lane < sub->lanes; lane++)
 		{
-			ItemPointer tid = &sub->tids[lane];
-
 			CHECK_FOR_INTERRUPTS();
-			if (!deliver_cursor_follow(scan, slot, snap, sub->sub_id, lane, tid))
+			if (!deliver_cursor_follow(scan, slot, snap, sub->sub_id, lane, &sub->tids[lane]))
 			{
-				Datum		key[2] = {Int32GetDatum(sub->sub_id), Int32GetDatum(lane)};
-				int			rc = SPI_execute_snapshot(plan_cursor_key, key, NULL, snap,
-													  InvalidSnapshot, true, false, 1);
-				bool		isnull;
-
-				if (rc != SPI_OK_SELECT)
-					elog(ERROR, "eventbox: cursor lookup failed: %s",
-						 SPI_result_code_string(rc));
-				if (SPI_processed == 0)
-				{
-					ItemPointerSetInvalid(tid);
-					continue;
-				}
-				ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(SPI_tuptable->vals[0],
-																			SPI_tuptable->tupdesc,
-																			1, &isnull)),
-								tid);
+				ItemPointerSetInvalid(&sub->tids[lane]);
+				miss = true;
 			}
-			found[n++] = PointerGetDatum(tid);
 		}
+		if (miss)
+			missed[nmissed++] = Int32GetDatum(sub->sub_id);
 	}
 	ExecDropSingleTupleTableSlot(slot);
 	table_endscan(scan);
 	table_close(rel, AccessShareLock);
+
+	/*
+	 * The lanes not found by their last version, through the key, in one
+	 * statement: without a held horizon pruning often removes the version
+	 * seen last, and a subscription with 16 lanes would otherwise cost 16
+	 * statements.
+	 */
+	if (nmissed > 0)
+	{
+		Datum		arg = PointerGetDatum(construct_array(missed, nmissed, INT4OID,
+														  sizeof(int32), true, TYPALIGN_INT));
+		int			rc = SPI_execute_snapshot(plan_cursor_key, &arg, NULL, snap,
+											  InvalidSnapshot, true, false, 0);
+		uint64		r;
+
+		if (rc != SPI_OK_SELECT)
+			elog(ERROR, "eventbox: cursor lookup failed: %s", SPI_result_code_string(rc));
+		for (r = 0; r < SPI_processed; r++)
+		{
+			HeapTuple	t = SPI_tuptable->vals[r];
+			TupleDesc	d = SPI_tuptable->tupdesc;
+			bool		isnull;
+			int32		sub_id = DatumGetInt32(SPI_getbinval(t, d, 1, &isnull));
+
+			lane = DatumGetInt32(SPI_getbinval(t, d, 2, &isnull));
+			for (i = 0; i < nsubs; i++)
+			{
+				if (subs[i].sub_id == sub_id && lane >= 0 && lane < subs[i].lanes &&
+					!ItemPointerIsValid(&subs[i].tids[lane]))
+					ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(t, d, 3, &isnull)),
+									&subs[i].tids[lane]);
+			}
+		}
+	}
+
+	for (i = 0; i < nsubs; i++)
+	{
+		if (!deliver_wants_wakeup(&subs[i]))
+			continue;
+		for (lane = 0; lane < subs[i].lanes; lane++)
+			if (ItemPointerIsValid(&subs[i].tids[lane]))
+				found[n++] = PointerGetDatum(&subs[i].tids[lane]);
+	}
 	return PointerGetDatum(construct_array(found, n, TIDOID, sizeof(ItemPointerData),
 										   false, TYPALIGN_SHORT));
 }
