@@ -120,6 +120,8 @@ fi
     cat "$WORK/report.md"
     echo "Wall time of bench/run.sh (setup check, initdb to report): $(( $(date +%s) - t0 )) s."
     echo
+    echo "Code measured: $(git -C "$EVENTBOX_ROOT" describe --always --dirty 2>/dev/null || echo 'not a git checkout')."
+    echo
     echo "Server log: $(grep -c 'ERROR' "$WORK/server.log" || true) ERROR lines (the P2 drains end each" \
          "pgbench client with a deliberate 'division by zero' when the queue is empty)," \
          "$(grep -c 'eventbox worker cycle failed' "$WORK/server.log" || true) failed eventbox worker cycles," \
