@@ -543,6 +543,17 @@ deliver_wants_wakeup(const DeliverSub *sub)
 	return strcmp(sub->mode, "pull") == 0 && strcmp(sub->notify, "none") != 0;
 }
 
+/* deliver_select runs a kept SELECT with snap, read-only */
+static void
+deliver_select(SPIPlanPtr plan, Datum *values, Snapshot snap, const char *what)
+{
+	int			rc = SPI_execute_snapshot(plan, values, NULL, snap, InvalidSnapshot,
+										  true, false, 0);
+
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "eventbox: %s failed: %s", what, SPI_result_code_string(rc));
+}
+
 static Datum
 deliver_pull_cursors(Snapshot snap)
 {
@@ -598,12 +609,9 @@ deliver_pull_cursors(Snapshot snap)
 	{
 		Datum		arg = PointerGetDatum(construct_array(missed, nmissed, INT4OID,
 														  sizeof(int32), true, TYPALIGN_INT));
-		int			rc = SPI_execute_snapshot(plan_cursor_key, &arg, NULL, snap,
-											  InvalidSnapshot, true, false, 0);
 		uint64		r;
 
-		if (rc != SPI_OK_SELECT)
-			elog(ERROR, "eventbox: cursor lookup failed: %s", SPI_result_code_string(rc));
+		deliver_select(plan_cursor_key, &arg, snap, "cursor lookup");
 		for (r = 0; r < SPI_processed; r++)
 		{
 			HeapTuple	t = SPI_tuptable->vals[r];
@@ -712,8 +720,7 @@ EventboxDeliver(int batch, uint64 *forwarded)
 		CHECK_FOR_INTERRUPTS();
 		if (strcmp(mode, "pull") == 0)
 		{
-			if (strcmp(notify, "none") != 0)
-				pull_wake = true;
+			pull_wake = pull_wake || deliver_wants_wakeup(sub);
 			continue;
 		}
 		rows = tuplestore_begin_heap(false, false, work_mem);
@@ -756,11 +763,8 @@ EventboxDeliver(int batch, uint64 *forwarded)
 		TimestampTz end;
 		Snapshot	snap = RegisterSnapshot(GetTransactionSnapshot());
 		Datum		wake[2] = {arg, deliver_pull_cursors(snap)};
-		int			rc = SPI_execute_snapshot(plan_pull_wake, wake, NULL, snap,
-											  InvalidSnapshot, true, false, 0);
 
-		if (rc != SPI_OK_SELECT)
-			elog(ERROR, "eventbox: wake-up check failed: %s", SPI_result_code_string(rc));
+		deliver_select(plan_pull_wake, wake, snap, "wake-up check");
 		UnregisterSnapshot(snap);
 		end = GetCurrentTimestamp();
 		pull_wake_next = end + 9 * (end - now);
