@@ -52,7 +52,8 @@ def sql_literal(text):
 # round trip, each system as a separate publish statement (4 round trips),
 # and each system in the same statement as the business INSERT (3).
 P1_BATCH_SYSTEMS = ("outbox", "pgq", "pgq_doc", "eventbox", "eventbox_doc")
-P1_SYSTEMS = ("floor", "floor4", "outbox", "pgq", "eventbox", "outbox_1", "pgq_1", "eventbox_1")
+P1_SYSTEMS = ("floor", "floor4", "outbox", "pgq", "eventbox", "floor_1", "outbox_1", "pgq_1",
+              "eventbox_1")
 
 
 def log(msg):
@@ -108,8 +109,8 @@ class Bench:
         self.loads = []          # (phase, loadavg)
         q = args.quick
         self.reps = 1 if q else 3
-        self.p1_T = 3
-        self.p1_batch_T = 2 if q else 3
+        self.p1_T = 2
+        self.p1_batch_T = 2
         self.p2_events = 20000 if q else 100000
         self.p3_seconds = 3 if q else 4
         self.p4_seconds = 60 if q else 600
@@ -268,6 +269,11 @@ class Bench:
         # modifying CTE; a trigger would do the same), 3 round trips like the floor
         opay = PAYLOAD_SQL.format(id="o.id", cust="o.customer_id", total="o.total")
         cte = "WITH o AS (" + ins + " RETURNING id, customer_id, total) "
+        # the same statement with no outbox write: the INSERT hands its row
+        # to a SELECT that builds the payload and returns its size, which is
+        # the most a system written into the INSERT's statement can reach
+        s["floor_1"] = self.script("p1_floor_1", head + "BEGIN;\n" + cte +
+                                   "SELECT pg_column_size(" + opay + ") FROM o;\nCOMMIT;\n")
         s["outbox_1"] = self.script("p1_outbox_1", head + "BEGIN;\n" + cte +
                                     "INSERT INTO event_outbox(event_type, aggregate_type, aggregate_id,"
                                     " payload) SELECT 'order.created', 'order', o.id::text, " + opay
@@ -599,9 +605,45 @@ class Bench:
         return {"eventbox": [w] if w else [], "pgq": pq}
 
     def p4(self, out):
-        out.update(systems={}, storage_start={}, storage_end={}, storage_after={},
+        out.update(systems={}, storage_start={}, storage_end={}, storage_after={}, anatomy={},
                    phases=[], p5=[])
         self.p4_phase(self.P4_SYSTEMS, out)
+
+    EVENT_TABLES = {"outbox": ("outbox", "table"), "pgq": ("pgq", "event tables"),
+                    "eventbox": ("eventbox", "log (log_0..2)")}
+
+    def row_anatomy(self, systems):
+        """Where each system's event table bytes go: rows, heap (main fork),
+        index and other (TOAST, free space and visibility maps) bytes, the
+        stored rows' total width (pg_column_size of the whole row: tuple
+        header, null bitmap, columns, alignment) and each column's
+        (pg_column_size; a NULL counts 0)."""
+        tables = self.system_tables()
+        out = {}
+        for system, key in self.EVENT_TABLES.items():
+            if system not in systems:
+                continue
+            a = {"rows": 0, "heap": 0, "index": 0, "other": 0, "row_bytes": 0, "columns": {}}
+            for rel in tables[key]:
+                cols = [r[0] for r in self.q(
+                    "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0"
+                    " AND NOT attisdropped ORDER BY attnum", (rel,))]
+                sums = ", ".join("coalesce(sum(pg_column_size(t.%s)), 0)" % ident(c) for c in cols)
+                # ONLY: PgQ's parent event table would count its children again
+                r = self.q("SELECT count(*), coalesce(sum(pg_column_size(t.*)), 0), " + sums +
+                           " FROM ONLY " + rel + " t")[0]
+                heap, idx, total = self.q(
+                    "SELECT pg_relation_size(%s::regclass), pg_indexes_size(%s::regclass),"
+                    " pg_total_relation_size(%s::regclass)", (rel, rel, rel))[0]
+                a["rows"] += int(r[0])
+                a["row_bytes"] += int(r[1])
+                a["heap"] += int(heap)
+                a["index"] += int(idx)
+                a["other"] += int(total) - int(heap) - int(idx)
+                for c, v in zip(cols, r[2:]):
+                    a["columns"][c] = a["columns"].get(c, 0) + int(v)
+            out[system] = a
+        return out
 
     def p4_snapshot(self, systems):
         return {k: v for k, v in self.storage_snapshot().items() if k.split("|")[0] in systems}
@@ -689,6 +731,7 @@ class Bench:
             for pid in helpers["eventbox"] + server:
                 os.sched_setaffinity(pid, everywhere)
         out["storage_end"].update(self.p4_snapshot(systems))
+        out["anatomy"].update(self.row_anatomy(systems))
         xmin_end = self.q1("SELECT backend_xmin FROM pg_stat_activity WHERE application_name ="
                            " 'bench-horizon-holder'")
         self.check("P4 (%s): horizon holder still holds the same xmin at the end"
@@ -1031,6 +1074,11 @@ def pct(vals, p):
 
 # ---- report ---------------------------------------------------------------
 
+def ident(name):
+    """name as an SQL identifier"""
+    return '"' + name.replace('"', '""') + '"'
+
+
 def fmt(x, nd=0):
     if x is None:
         return "n/a"
@@ -1054,6 +1102,43 @@ def ratio(a, b):
     if a is None or b is None or b == 0:
         return "n/a"
     return "%.2f" % (a / b)
+
+
+def anatomy_lines(an):
+    """The report's table of where each system's event table bytes go."""
+    L = []
+    per = {}
+    for system in ("outbox", "pgq", "eventbox"):
+        a = an.get(system)
+        if a and a["rows"]:
+            n = a["rows"]
+            per[system] = {k: a[k] / n for k in ("heap", "index", "other", "row_bytes")}
+            per[system]["total"] = (a["heap"] + a["index"] + a["other"]) / n
+    if not per:
+        return L
+    L.append("Where the event tables' bytes go at the end of the run (horizon still held), per "
+             "event: heap (main fork), indexes, the rest (TOAST, free space and visibility maps); "
+             "the stored row (pg_column_size of the whole row: tuple header with its null bitmap, "
+             "the columns and their alignment; on the page each row also takes a 4-byte line "
+             "pointer); each column's average stored width (a NULL counts 0):")
+    L.append("")
+    L.append("| system | events | heap | indexes | other | total | stored row | columns |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---|")
+    for system, p in per.items():
+        a = an[system]
+        L.append("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            system, fmt(a["rows"]), fmt(p["heap"]), fmt(p["index"]), fmt(p["other"]),
+            fmt(p["total"]), fmt(p["row_bytes"]),
+            ", ".join("%s %s" % (c, fmt(v / a["rows"])) for c, v in a["columns"].items())))
+    L.append("")
+    if "eventbox" in per and "pgq" in per:
+        eb, pq = per["eventbox"], per["pgq"]
+        L.append("eventbox's log heap alone, without its indexes and state tables, takes %s bytes "
+                 "per event, %s of everything PgQ's event tables take (%s bytes per event with "
+                 "their index)." % (fmt(eb["heap"]), ratio(eb["heap"], pq["total"]),
+                                    fmt(pq["total"])))
+        L.append("")
+    return L
 
 
 def best_batch(res, system):
@@ -1178,24 +1263,28 @@ def report(b, res, p4):
              "`WITH o AS (INSERT ... RETURNING ...) SELECT eventbox.publish(...) FROM o`, 3 round trips; "
              "a trigger such as eventbox.capture() is the same shape). The row \"floor + 1 round trip\" "
              "is the bare INSERT followed by a `SELECT :id` statement: the most a system written as a "
-             "separate statement can reach.")
+             "separate statement can reach. The row \"floor + payload in the statement\" is the "
+             "same-statement form with no outbox write at all (`WITH o AS (INSERT ... RETURNING ...) "
+             "SELECT pg_column_size(<the payload built from o>) FROM o`): the most a system written "
+             "into the INSERT's statement can reach.")
     L.append("")
-    for shape, sfx, title in (("own statement (4 round trips)", "", "Publish as its own statement"),
-                              ("same statement (3 round trips)", "_1", "Publish in the INSERT's statement")):
+    for sfx, title, limit in (("", "Publish as its own statement", "floor + 1 round trip"),
+                              ("_1", "Publish in the INSERT's statement",
+                               "floor + payload in the statement")):
         L.append("%s:" % title)
         L.append("")
-        L.append("| synchronous_commit | clients | floor TPS | floor + 1 round trip (ratio) | outbox TPS (ratio) | pgq TPS (ratio) | eventbox TPS (ratio) | eventbox / outbox | eventbox / pgq | bar: eventbox/floor ≥ |")
+        L.append("| synchronous_commit | clients | floor TPS | " + limit + " (ratio) | outbox TPS (ratio) | pgq TPS (ratio) | eventbox TPS (ratio) | eventbox / outbox | eventbox / pgq | bar: eventbox/floor ≥ |")
         L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for sync in ("on", "off"):
             for c in (1, 8):
                 row = {}
                 txt = {}
-                for base in ("floor", "floor4", "outbox", "pgq", "eventbox"):
-                    sy = base if base.startswith("floor") else base + sfx
+                for base in ("floor", "limit", "outbox", "pgq", "eventbox"):
+                    sy = {"floor": "floor", "limit": "floor4" if not sfx else "floor_1"}.get(
+                        base, base + sfx)
                     row[base], txt[base] = mmm(res.get("p1|%s|%d|%s" % (sync, c, sy), []))
-                L.append("| %s | %d | %s | %s | %s (%s) | %s (%s) | %s (**%s**) | %s | %s | %s |" % (
-                    sync, c, txt["floor"],
-                    ("%s (%s)" % (txt["floor4"], ratio(row["floor4"], row["floor"]))) if not sfx else "—",
+                L.append("| %s | %d | %s | %s (%s) | %s (%s) | %s (%s) | %s (**%s**) | %s | %s | %s |" % (
+                    sync, c, txt["floor"], txt["limit"], ratio(row["limit"], row["floor"]),
                     txt["outbox"], ratio(row["outbox"], row["floor"]),
                     txt["pgq"], ratio(row["pgq"], row["floor"]),
                     txt["eventbox"], ratio(row["eventbox"], row["floor"]),
@@ -1417,6 +1506,7 @@ def report(b, res, p4):
         p4["outbox_maint_s"], p4["pgq_maint_s"], p4["eventbox_maint_s"],
         "%.1f s (still held by: %s)" % (ph.get("horizon_wait_s", 0), ph.get("horizon_held_by") or "none")))
     L.append("")
+    L.extend(anatomy_lines(p4.get("anatomy") or {}))
 
     # -- P5
     L.append("## P5 memory (RssAnon, kB) during P4")
