@@ -64,6 +64,16 @@ SELECT a.label, test.expect_error(a.sql) FROM (VALUES
 	('batch headers', $$SELECT eventbox.publish_batch('[{"event_type": "t11.x", "headers": "h"}]')$$)
 ) a(label, sql);
 
+-- deliver_at that never comes (or is no time at all); the finite ones
+-- beside them are accepted
+SELECT a.label, test.expect_error(a.sql) FROM (VALUES
+	('deliver_at infinity', $$SELECT eventbox.publish('t11.x', deliver_at => 'infinity')$$),
+	('deliver_at -infinity', $$SELECT eventbox.publish('t11.x', deliver_at => '-infinity')$$),
+	('batch deliver_at infinity', $$SELECT eventbox.publish_batch('[{"event_type": "t11.x", "deliver_at": "infinity"}]')$$),
+	('deliver_at far future', $$SELECT eventbox.publish('t11.later', deliver_at => '9999-12-31')$$),
+	('deliver_at past', $$SELECT eventbox.publish('t11.now', deliver_at => '2000-01-01')$$)
+) a(label, sql);
+
 -- payload over eventbox.max_payload_size (lowered for the test)
 SET LOCAL eventbox.max_payload_size = 100;
 SELECT a.label, test.expect_error(a.sql) FROM (VALUES

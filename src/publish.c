@@ -165,6 +165,17 @@ publish_check(PublishEvent *ev)
 				 errmsg("dedupe_key must not be empty"),
 				 errhint("Pass NULL to publish without deduplication.")));
 
+	/*
+	 * 'infinity' would make a delayed row that never comes due and looks
+	 * leased (section 5 of docs/design.md): the event would be neither
+	 * pending nor scheduled, and its partition could never be rotated away.
+	 */
+	if (ev->has_deliver_at && TIMESTAMP_NOT_FINITE(ev->deliver_at))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("deliver_at must be a finite timestamp"),
+				 errhint("Pass NULL to deliver the event at once.")));
+
 	publish_check_object(ev->payload, "payload");
 	publish_check_object(ev->headers, "headers");
 
