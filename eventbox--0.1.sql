@@ -293,13 +293,18 @@ LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
 
 -- Delay before the attempt after `attempt` failed ones, with up to 20% of
 -- positive jitter: never earlier than the capped exponential backoff.
+-- Reckoned in seconds (float8), where base * 2^40 cannot overflow: as an
+-- interval it did for any base from about 8.4 s on, and every retry of
+-- such a subscription after its 40th attempt failed, in the worker too.
 CREATE FUNCTION eventbox._backoff(attempt int, base interval, cap interval)
 RETURNS interval
 LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
-	SELECT d * (1 + 0.2 * random())
-	FROM (SELECT LEAST(cap, base * power(2, LEAST(attempt - 1, 40))::float8) AS d) s
+	SELECT pg_catalog.make_interval(secs => LEAST(
+			   EXTRACT(epoch FROM cap)::float8,
+			   EXTRACT(epoch FROM base)::float8 * power(2::float8, LEAST(attempt - 1, 40)))
+		   * (1 + 0.2 * random()))
 $$;
 
 -- Look up a subscription.  Consumer functions (fallback => true) take NULL
@@ -334,22 +339,13 @@ BEGIN
 END
 $$;
 
+-- Raises the error for an interval argument that is NULL, has a negative
+-- part, is zero where that is not allowed or is over 100 years (see
+-- EventboxCheckInterval in src/eventbox.c).
 CREATE FUNCTION eventbox._check_interval(what text, val interval, allow_zero boolean)
 RETURNS void
-LANGUAGE plpgsql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-	IF val IS NULL THEN
-		RAISE EXCEPTION '% must not be null', what USING ERRCODE = 'null_value_not_allowed';
-	END IF;
-	IF val < interval '0' OR (NOT allow_zero AND val = interval '0') THEN
-		RAISE EXCEPTION '% must be %, got %', what,
-			CASE WHEN allow_zero THEN 'zero or positive' ELSE 'positive' END, val
-			USING ERRCODE = 'invalid_parameter_value';
-	END IF;
-END
-$$;
+AS 'MODULE_PATHNAME', 'check_interval'
+LANGUAGE C IMMUTABLE;
 
 -- Fail delivered events: schedule their retries or move them to the dead
 -- letters.  The caller has already taken them out of their batches.

@@ -166,3 +166,19 @@ SELECT test.expect_error(format($$SELECT eventbox.extend_lease(%s, '1 s', 't07_n
 SELECT id - :base AS id, status FROM eventbox.outbox('leased', 100, 't07');
 
 SELECT eventbox.unsubscribe(name) FROM eventbox.subscriptions WHERE name LIKE 't07%' ORDER BY name;
+
+-- The backoff is the capped exponential with up to 20% on top, however
+-- many attempts were made: base * 2^(attempt - 1) for a base of 10 s went
+-- past the interval range at attempt 41 and every retry failed from then on.
+SELECT a.attempt, a.base, a.cap,
+	   EXTRACT(epoch FROM b) BETWEEN EXTRACT(epoch FROM a.low)
+								 AND EXTRACT(epoch FROM a.low) * 1.2 AS within_jitter
+FROM (VALUES
+	(1, interval '1 second', interval '1 hour', interval '1 second'),
+	(3, interval '1 second', interval '1 hour', interval '4 seconds'),
+	(41, interval '10 seconds', interval '1 minute', interval '1 minute'),
+	(1000, interval '1 day', interval '2 days', interval '2 days'),
+	(1000, interval '100 years', interval '100 years', interval '100 years'),
+	(5, interval '0', interval '0', interval '0')
+) a(attempt, base, cap, low)
+CROSS JOIN LATERAL eventbox._backoff(a.attempt, a.base, a.cap) b;

@@ -154,6 +154,30 @@ SELECT a.label, test.expect_error(format(a.sql, :leased_id)) FROM (VALUES
 	('alter max_attempts 0', $$SELECT eventbox.alter_subscription('t11', max_attempts => 0)$$)
 ) a(label, sql);
 
+-- intervals with a negative part (that compare as positive: months count
+-- 30 days), and intervals over 100 years, which added to now() could leave
+-- the timestamp range; 100 years itself is accepted
+SELECT a.label, test.expect_error(format(a.sql, :leased_id)) FROM (VALUES
+	('lease, negative part', $$SELECT eventbox.subscribe('t11_bad', lease => '-2 months 60 days 1 second')$$),
+	('backoff_base, negative part', $$SELECT eventbox.subscribe('t11_bad', backoff_base => '1 day -1 second')$$),
+	('claim lease, negative part', $$SELECT * FROM eventbox.claim_batch(1, 't11', lease => '1 month -1 day')$$),
+	('nack retry_in, negative part', $$SELECT eventbox.nack(%s, retry_in => '1 mon -40 days', subscription => 't11')$$),
+	('extend_lease by, negative part', $$SELECT eventbox.extend_lease(%s, '1 day -1 hour', 't11')$$),
+	('lease over 100 years', $$SELECT eventbox.subscribe('t11_bad', lease => '1000000 years')$$),
+	('alter backoff_max over 100 years', $$SELECT eventbox.alter_subscription('t11', backoff_max => '101 years')$$),
+	('claim lease over 100 years', $$SELECT * FROM eventbox.claim_batch(1, 't11', lease => '250000 years')$$),
+	('nack retry_in over 100 years', $$SELECT eventbox.nack(%s, retry_in => '200000 years', subscription => 't11')$$),
+	('extend_lease by over 100 years', $$SELECT eventbox.extend_lease(%s, '36525 days 1 second', 't11')$$),
+	('purge older_than over 100 years', $$SELECT eventbox.purge_dead_letters('t11', '10000 years')$$),
+	('lease of 100 years', $$SELECT eventbox.subscribe('t11_long', lease => '100 years', backoff_base => '100 years', backoff_max => '100 years')$$)
+) a(label, sql);
+SELECT eventbox.unsubscribe('t11_long');
+
+-- too many event_types patterns to match together: refused when the
+-- subscription is made, not later by every claim and worker cycle
+SELECT test.expect_error($$SELECT eventbox.subscribe('t11_bad',
+	event_types => (SELECT array_agg('p' || i) FROM generate_series(1, 50000) i))$$);
+
 -- NUL bytes anywhere: PostgreSQL itself refuses them in text and jsonb
 SELECT a.label, test.expect_error(a.sql) FROM (VALUES
 	('\u0000 in payload', $$SELECT eventbox.publish('t11.x', '{"s": "a\u0000b"}')$$),

@@ -2211,15 +2211,8 @@ claim_common(FunctionCallInfo fcinfo, bool for_worker)
 	/* the worker's entry point has no lease argument */
 	if (PG_NARGS() > 2 && !PG_ARGISNULL(2))
 	{
-		Interval	zero;
-
 		lease = PG_GETARG_INTERVAL_P(2);
-		memset(&zero, 0, sizeof(zero));
-		if (DatumGetInt32(DirectFunctionCall2(interval_cmp, IntervalPGetDatum(lease),
-											  IntervalPGetDatum(&zero))) <= 0)
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("lease must be positive")));
+		EventboxCheckInterval("lease", lease, false);
 	}
 
 	claim_run(PG_ARGISNULL(1) ? NULL : PG_GETARG_TEXT_PP(1), n, lease, for_worker,

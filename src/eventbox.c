@@ -25,9 +25,11 @@
 #include "nodes/parsenodes.h"
 #include "port.h"
 #include "tcop/utility.h"
+#include "utils/builtins.h"
 #include "utils/guc.h"
 #include "utils/inval.h"
 #include "utils/memutils.h"
+#include "utils/timestamp.h"
 
 PG_MODULE_MAGIC;
 
@@ -35,6 +37,7 @@ void		_PG_init(void);
 
 PG_FUNCTION_INFO_V1(eventbox_register);
 PG_FUNCTION_INFO_V1(table_changed);
+PG_FUNCTION_INFO_V1(check_interval);
 
 static ProcessUtility_hook_type prev_process_utility = NULL;
 
@@ -475,4 +478,63 @@ EventboxRandomBytes(void *buf, size_t len)
 		out += n;
 		len -= n;
 	}
+}
+
+/*
+ * EventboxCheckInterval raises the error for an interval argument (lease,
+ * backoff, retry_in, ...) that is NULL, negative in any of its parts, zero
+ * when allow_zero is false, or longer than EVENTBOX_MAX_INTERVAL_YEARS.
+ *
+ * A part is checked on its own because months and days have no fixed
+ * length: '-2 months 60 days 1 second' compares as positive (months count
+ * 30 days) and yet ends before it starts when added to a timestamp in
+ * December.  The upper limit keeps the deadlines computed from the
+ * interval (now + lease, now + backoff) inside the timestamp range; past
+ * it they raised "timestamp out of range" at claim time and in every cycle
+ * of the worker, long after the value was accepted.
+ */
+void
+EventboxCheckInterval(const char *what, const Interval *val, bool allow_zero)
+{
+	double		days;
+
+	if (val == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s must not be null", what)));
+	if (val->month < 0 || val->day < 0 || val->time < 0 ||
+		(!allow_zero && val->month == 0 && val->day == 0 && val->time == 0))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must be %s, got %s", what,
+						allow_zero ? "zero or positive" : "positive",
+						DatumGetCString(DirectFunctionCall1(interval_out,
+															IntervalPGetDatum(val)))),
+				 (val->month < 0 || val->day < 0 || val->time < 0) &&
+				 (val->month > 0 || val->day > 0 || val->time > 0) ?
+				 errdetail("None of its months, days and time may be negative.") : 0));
+	/* as interval comparison reckons: a month is 30 days, a year 360 */
+	days = val->month * (double) DAYS_PER_MONTH + val->day +
+		val->time / (double) USECS_PER_DAY;
+	if (days > EVENTBOX_MAX_INTERVAL_YEARS * MONTHS_PER_YEAR * DAYS_PER_MONTH)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must be at most %d years, got %s", what,
+						EVENTBOX_MAX_INTERVAL_YEARS,
+						DatumGetCString(DirectFunctionCall1(interval_out,
+															IntervalPGetDatum(val))))));
+}
+
+/*
+ * eventbox._check_interval(what text, val interval, allow_zero boolean):
+ * EventboxCheckInterval for the SQL functions.
+ */
+Datum
+check_interval(PG_FUNCTION_ARGS)
+{
+	char	   *what = PG_ARGISNULL(0) ? "interval" : text_to_cstring(PG_GETARG_TEXT_PP(0));
+
+	EventboxCheckInterval(what, PG_ARGISNULL(1) ? NULL : PG_GETARG_INTERVAL_P(1),
+						  !PG_ARGISNULL(2) && PG_GETARG_BOOL(2));
+	PG_RETURN_VOID();
 }

@@ -94,11 +94,15 @@ extern int	eventbox_rotation_period;
 /* Longest event type, in bytes. */
 #define EVENTBOX_MAX_TYPE_LEN 255
 
+/* the longest lease, backoff, retry delay or extension accepted */
+#define EVENTBOX_MAX_INTERVAL_YEARS 100
+
 /* eventbox.c */
 extern SPIPlanPtr EventboxPreparePlan(const char *sql, int nargs, Oid *argtypes);
 extern void EventboxExecPlan(SPIPlanPtr plan, Datum *values, const char *nulls,
 							 int expected, const char *what);
 extern void EventboxRandomBytes(void *buf, size_t len);
+extern void EventboxCheckInterval(const char *what, const Interval *val, bool allow_zero);
 extern void EventboxPushSearchPath(void);
 extern void EventboxPopSearchPath(void);
 extern int	EventboxIndexPlansBegin(void);

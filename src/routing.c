@@ -13,6 +13,7 @@
  */
 #include "postgres.h"
 
+#include "catalog/pg_collation.h"
 #include "catalog/pg_type.h"
 #include "common/hashfn.h"
 #include "eventbox.h"
@@ -129,6 +130,8 @@ eventbox_glob_regex(PG_FUNCTION_ARGS)
 	int			nelems;
 	int			i;
 	StringInfoData re;
+	text	   *result;
+	MemoryContext ctx = CurrentMemoryContext;
 
 	if (PG_ARGISNULL(0))
 		ereport(ERROR,
@@ -188,7 +191,36 @@ eventbox_glob_regex(PG_FUNCTION_ARGS)
 		}
 	}
 	appendStringInfoString(&re, ")$");
-	PG_RETURN_TEXT_P(cstring_to_text_with_len(re.data, re.len));
+	result = cstring_to_text_with_len(re.data, re.len);
+
+	/*
+	 * Compile it now, as the claims and the worker will: a pattern list the
+	 * regular expression engine cannot take (tens of thousands of
+	 * patterns) would otherwise be accepted here and then fail every claim
+	 * of the subscription, the stats view and every cycle of the worker.
+	 */
+	PG_TRY();
+	{
+		(void) DirectFunctionCall2Coll(textregexeq, DEFAULT_COLLATION_OID,
+									   PointerGetDatum(cstring_to_text("")),
+									   PointerGetDatum(result));
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(ctx);
+		edata = CopyErrorData();
+		FlushErrorState();
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("event_types has too many patterns to match together"),
+				 errdetail("%d patterns; the regular expression built from them failed: %s",
+						   nelems, edata->message),
+				 errhint("Use fewer patterns, with wildcards that cover several event types.")));
+	}
+	PG_END_TRY();
+	PG_RETURN_TEXT_P(result);
 }
 
 /*
