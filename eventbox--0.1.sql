@@ -946,6 +946,11 @@ BEGIN
 	END IF;
 	s := eventbox._sub(subscription);
 
+	-- "IN (SELECT unnest(ids))", not "= ANY(ids)": once PL/pgSQL keeps the
+	-- generic plan, ANY over the parameter is a filter that compares every
+	-- dead letter of the subscription with the whole array (10,000 ids: 300
+	-- instead of 120 ms, growing with the square); the subquery is hashed.
+	--
 	-- An event whose log partition was reclaimed since it died comes back
 	-- into the current partition from the dead letter's copy, with its id,
 	-- event_id and txid.  Every cursor had consumed that txid (or the
@@ -956,12 +961,12 @@ BEGIN
 	SELECT (SELECT cur FROM eventbox.rotation), d.id, d.txid, d.event_id, d.event_type,
 		   d.aggregate_type, d.aggregate_id, d.payload, d.headers, d.occurred_at
 	FROM eventbox.dead_letter_store d
-	WHERE d.sub_id = s.sub_id AND (ids IS NULL OR d.id = ANY(ids))
+	WHERE d.sub_id = s.sub_id AND (ids IS NULL OR d.id IN (SELECT unnest(ids)))
 	  AND NOT EXISTS (SELECT FROM eventbox.log l WHERE l.id = d.id);
 
 	WITH d AS (
 		DELETE FROM eventbox.dead_letter_store d
-		WHERE d.sub_id = s.sub_id AND (ids IS NULL OR d.id = ANY(ids))
+		WHERE d.sub_id = s.sub_id AND (ids IS NULL OR d.id IN (SELECT unnest(ids)))
 		RETURNING d.id, d.txid, d.lane
 	)
 	INSERT INTO eventbox.retries (sub_id, id, txid, lane, attempts, next_attempt_at, reason)
