@@ -102,3 +102,6 @@ FROM eventbox.log WHERE id > :base5;
 SELECT count(*) FROM eventbox.claim_batch(10, 't02');
 
 SELECT eventbox.unsubscribe('t02');
+
+-- an element that fails its checks is named in the error's context
+SELECT eventbox.publish_batch('[{"event_type": "t02.ok"}, {"event_type": "t02.bad", "aggregate_type": "o", "aggregate_id": ""}]');

@@ -74,6 +74,16 @@ SELECT a.label, test.expect_error(a.sql) FROM (VALUES
 	('deliver_at past', $$SELECT eventbox.publish('t11.now', deliver_at => '2000-01-01')$$)
 ) a(label, sql);
 
+-- aggregate names and dedupe keys over their limits (index keys of the
+-- log); at the limit they are accepted
+SELECT a.label, test.expect_error(a.sql) FROM (VALUES
+	('aggregate_type 256 bytes', $$SELECT eventbox.publish('t11.x', '{}', repeat('t', 256), '1')$$),
+	('aggregate_id 1025 bytes', $$SELECT eventbox.publish('t11.x', '{}', 'o', repeat('i', 1025))$$),
+	('dedupe_key 1025 bytes', $$SELECT eventbox.publish('t11.x', dedupe_key => repeat('k', 1025))$$),
+	('batch aggregate_id 1025 bytes', $$SELECT eventbox.publish_batch(jsonb_build_array(jsonb_build_object('event_type', 't11.x', 'aggregate_type', 'o', 'aggregate_id', repeat('i', 1025))))$$),
+	('at the limits', $$SELECT eventbox.publish('t11.limits', '{}', repeat('t', 255), repeat('i', 1024), dedupe_key => repeat('k', 1024))$$)
+) a(label, sql);
+
 -- payload over eventbox.max_payload_size (lowered for the test)
 SET LOCAL eventbox.max_payload_size = 100;
 SELECT a.label, test.expect_error(a.sql) FROM (VALUES

@@ -134,6 +134,22 @@ publish_check_object(Jsonb *jb, const char *what)
 				 errhint("Wrap the value in an object, for example '{\"value\": ...}'.")));
 }
 
+/* publish_check_length raises the error for a text field over max bytes */
+static void
+publish_check_length(text *value, const char *what, int max)
+{
+	int			len;
+
+	if (value == NULL)
+		return;
+	len = VARSIZE_ANY_EXHDR(value);
+	if (len > max)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s is too long", what),
+				 errdetail("%s has at most %d bytes, this one has %d.", what, max, len)));
+}
+
 /*
  * publish_check validates one event against the publishing contract
  * (SPEC section 7).  Raising here leaves nothing written.
@@ -164,6 +180,16 @@ publish_check(PublishEvent *ev)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("dedupe_key must not be empty"),
 				 errhint("Pass NULL to publish without deduplication.")));
+
+	/*
+	 * The three are index keys of the log (the aggregate index, the dedupe
+	 * index); past about 2.7 kB after compression the insert failed with
+	 * the btree's "index row size exceeds maximum" and its hint to change
+	 * the index.
+	 */
+	publish_check_length(ev->aggregate_type, "aggregate_type", EVENTBOX_MAX_TYPE_LEN);
+	publish_check_length(ev->aggregate_id, "aggregate_id", EVENTBOX_MAX_KEY_LEN);
+	publish_check_length(ev->dedupe_key, "dedupe_key", EVENTBOX_MAX_KEY_LEN);
 
 	/*
 	 * 'infinity' would make a delayed row that never comes due and looks
@@ -989,6 +1015,13 @@ publish_key_cmp(const void *a, const void *b, void *evs)
 	return (ia > ib) - (ia < ib);
 }
 
+/* names the batch element whose check failed (publish_check's errors) */
+static void
+publish_batch_error_context(void *arg)
+{
+	errcontext("event %d of the batch", *(int *) arg);
+}
+
 /*
  * publish_batch_work does the work of publish_batch (below), allocating in
  * the current memory context.
@@ -1013,6 +1046,8 @@ publish_batch_work(FunctionCallInfo fcinfo)
 	int			nkeyed = 0;
 	int			nkeys = 0;		/* distinct keys */
 	int			first = 0;		/* the first element with the current key */
+	int			element = 0;
+	ErrorContextCallback errcallback;
 
 	if (PG_ARGISNULL(0))
 		ereport(ERROR,
@@ -1034,6 +1069,8 @@ publish_batch_work(FunctionCallInfo fcinfo)
 	uuids = palloc0(sizeof(pg_uuid_t) * n);
 
 	/* parse and check everything before writing anything */
+	errcallback.callback = publish_batch_error_context;
+	errcallback.previous = error_context_stack;
 	i = 0;
 	it = JsonbIteratorInit(&events->root);
 	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
@@ -1041,7 +1078,11 @@ publish_batch_work(FunctionCallInfo fcinfo)
 		if (tok != WJB_ELEM)
 			continue;
 		publish_batch_parse(&v, i + 1, &evs[i], &empty);
+		element = i + 1;
+		errcallback.arg = &element;
+		error_context_stack = &errcallback;
 		publish_check(&evs[i]);
+		error_context_stack = errcallback.previous;
 		evs[i].headers = publish_with_context(context, evs[i].headers);
 		i++;
 	}
