@@ -78,10 +78,13 @@ SELECT a.label, test.expect_error(a.sql) FROM (VALUES
 -- log); at the limit they are accepted
 SELECT a.label, test.expect_error(a.sql) FROM (VALUES
 	('aggregate_type 256 bytes', $$SELECT eventbox.publish('t11.x', '{}', repeat('t', 256), '1')$$),
-	('aggregate_id 1025 bytes', $$SELECT eventbox.publish('t11.x', '{}', 'o', repeat('i', 1025))$$),
-	('dedupe_key 1025 bytes', $$SELECT eventbox.publish('t11.x', dedupe_key => repeat('k', 1025))$$),
-	('batch aggregate_id 1025 bytes', $$SELECT eventbox.publish_batch(jsonb_build_array(jsonb_build_object('event_type', 't11.x', 'aggregate_type', 'o', 'aggregate_id', repeat('i', 1025))))$$),
-	('at the limits', $$SELECT eventbox.publish('t11.limits', '{}', repeat('t', 255), repeat('i', 1024), dedupe_key => repeat('k', 1024))$$)
+	('aggregate_id 2049 bytes', $$SELECT eventbox.publish('t11.x', '{}', 'o', repeat('i', 2049))$$),
+	('dedupe_key 2049 bytes', $$SELECT eventbox.publish('t11.x', dedupe_key => repeat('k', 2049))$$),
+	('batch aggregate_id 2049 bytes', $$SELECT eventbox.publish_batch(jsonb_build_array(jsonb_build_object('event_type', 't11.x', 'aggregate_type', 'o', 'aggregate_id', repeat('i', 2049))))$$),
+	-- hex digits do not compress: the index entries take the full size
+	('at the limits', $$SELECT eventbox.publish('t11.limits', '{}', repeat('t', 255),
+		(SELECT string_agg(md5(i::text), '') FROM generate_series(1, 64) i),
+		dedupe_key => (SELECT string_agg(md5((-i)::text), '') FROM generate_series(1, 64) i))$$)
 ) a(label, sql);
 
 -- payload over eventbox.max_payload_size (lowered for the test)

@@ -95,7 +95,7 @@ extern int	eventbox_rotation_period;
 #define EVENTBOX_MAX_TYPE_LEN 255
 
 /* the longest aggregate_id and dedupe_key (bytes): index keys of the log */
-#define EVENTBOX_MAX_KEY_LEN 1024
+#define EVENTBOX_MAX_KEY_LEN 2048
 
 /* the longest lease, backoff, retry delay or extension accepted */
 #define EVENTBOX_MAX_INTERVAL_YEARS 100
