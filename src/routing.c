@@ -211,11 +211,14 @@ eventbox_glob_regex(PG_FUNCTION_ARGS)
 
 		MemoryContextSwitchTo(ctx);
 		edata = CopyErrorData();
+		/* a cancel, a timeout or out of memory stays what it is */
+		if (edata->sqlerrcode != ERRCODE_INVALID_REGULAR_EXPRESSION)
+			PG_RE_THROW();
 		FlushErrorState();
 		ereport(ERROR,
 				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
 				 errmsg("event_types has too many patterns to match together"),
-				 errdetail("%d patterns; the regular expression built from them failed: %s",
+				 errdetail("The regular expression built from %d patterns could not be compiled: %s.",
 						   nelems, edata->message),
 				 errhint("Use fewer patterns, with wildcards that cover several event types.")));
 	}
