@@ -486,13 +486,27 @@ cmd_dead_letters(int argc, char **argv)
 	if (o.older_than)
 	{
 		const char *params[1] = {o.older_than};
-		PGresult   *res = PQexecParams(pg, "SELECT $1::interval < interval '0'", 1, NULL,
-									   params, NULL, NULL, 0);
+
+		/*
+		 * The server's rules for interval arguments (EventboxCheckInterval):
+		 * no negative part, at most 100 years; checked here so that purge
+		 * says so before it counts anything.
+		 */
+		PGresult   *res = PQexecParams(pg,
+									   "SELECT extract(year FROM i) * 12 + extract(month FROM i) < 0"
+									   " OR extract(day FROM i) < 0"
+									   " OR extract(hour FROM i) * 3600 + extract(minute FROM i) * 60"
+									   "    + extract(second FROM i) < 0,"
+									   " i > interval '100 years'"
+									   " FROM (SELECT $1::interval AS i) s",
+									   1, NULL, params, NULL, NULL, 0);
 
 		if (PQresultStatus(res) != PGRES_TUPLES_OK)
 			cli_usage_error("dead-letters", "invalid --older-than \"%s\": give a PostgreSQL interval such as \"2 hours\" or \"7 days\"", o.older_than);
 		if (strcmp(PQgetvalue(res, 0, 0), "t") == 0)
-			cli_usage_error("dead-letters", "invalid --older-than \"%s\": must not be negative", o.older_than);
+			cli_usage_error("dead-letters", "invalid --older-than \"%s\": must not be negative or have a negative part", o.older_than);
+		if (strcmp(PQgetvalue(res, 0, 1), "t") == 0)
+			cli_usage_error("dead-letters", "invalid --older-than \"%s\": must be at most 100 years", o.older_than);
 		PQclear(res);
 	}
 

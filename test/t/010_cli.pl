@@ -93,6 +93,14 @@ for my $u (@usage)
 ($rc, $out, $err) = run_cli('-d', $conn, 'dead-letters', 'list', '--older-than', 'banana');
 is($rc, 2, 'dead-letters list with a malformed --older-than: exit 2');
 like($err, qr/invalid --older-than "banana"/, '... naming the bad value');
+# the server's rules for intervals, checked before anything is counted
+foreach my $bad ([ '1 mon -40 days', qr/negative part/ ], [ '200 years', qr/at most 100 years/ ])
+{
+	($rc, $out, $err) =
+	  run_cli('-d', $conn, 'dead-letters', 'purge', '-s', 'x', '--older-than', $bad->[0]);
+	is($rc, 2, "dead-letters purge --older-than '$bad->[0]': exit 2");
+	like($err, $bad->[1], '... saying why');
+}
 
 # ---------------------------------------------------------------------------
 # Connection failures
