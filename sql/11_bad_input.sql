@@ -142,7 +142,10 @@ SELECT a.label, test.expect_error(a.sql) FROM (VALUES
 	('regex chars', $$SELECT eventbox.subscribe('t11_bad', event_types => '{"order.[a-z]+"}')$$),
 	('space', $$SELECT eventbox.subscribe('t11_bad', event_types => '{"a b"}')$$),
 	('backslash', $$SELECT eventbox.subscribe('t11_bad', event_types => '{"a\\\\.b"}')$$),
-	('too long', $$SELECT eventbox.subscribe('t11_bad', event_types => ARRAY[repeat('*', 256)])$$)
+	('too long', $$SELECT eventbox.subscribe('t11_bad', event_types => ARRAY[repeat('*', 256)])$$),
+	('leading dot', $$SELECT eventbox.subscribe('t11_bad', event_types => '{".order"}')$$),
+	('trailing dot', $$SELECT eventbox.subscribe('t11_bad', event_types => '{"order.*", "order."}')$$),
+	('two dots', $$SELECT eventbox.subscribe('t11_bad', event_types => '{"order..*"}')$$)
 ) a(label, sql);
 
 -- invalid subscription and channel names

@@ -116,6 +116,18 @@ EventboxLaneOfText(text *aggregate_type, text *aggregate_id, int64 id, int lanes
 						  id, lanes);
 }
 
+/* whether p[0..len) has two dots in a row */
+static bool
+routing_has_double_dot(const char *p, int len)
+{
+	int			i;
+
+	for (i = 1; i < len; i++)
+		if (p[i] == '.' && p[i - 1] == '.')
+			return true;
+	return false;
+}
+
 /*
  * eventbox._glob_regex(patterns text[]) checks a subscription's event type
  * patterns and returns one anchored regular expression matching any of
@@ -168,6 +180,12 @@ eventbox_glob_regex(PG_FUNCTION_ARGS)
 					 errdetail("A pattern has 1 to %d bytes.", EVENTBOX_MAX_TYPE_LEN)));
 		if (len == 1 && p[0] == '*')
 			PG_RETURN_NULL();
+		/* a literal dot where event types never have one */
+		if (p[0] == '.' || p[len - 1] == '.' || routing_has_double_dot(p, len))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("invalid event type pattern \"%.*s\"", len, p),
+					 errdetail("No event type starts or ends with a dot or has two dots in a row, so the pattern could never match.")));
 
 		if (i > 0)
 			appendStringInfoChar(&re, '|');
