@@ -33,6 +33,16 @@ routing_is_type_char(char c)
 }
 
 /*
+ * routing_misplaced_dot: whether s[i] is a dot where an event type may not
+ * have one (first, last, or right after another dot)
+ */
+static bool
+routing_misplaced_dot(const char *s, int len, int i)
+{
+	return s[i] == '.' && (i == 0 || i == len - 1 || s[i - 1] == '.');
+}
+
+/*
  * EventboxCheckEventType raises an error unless type (len bytes) is a valid
  * event type.
  */
@@ -58,7 +68,7 @@ EventboxCheckEventType(const char *type, int len)
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("invalid event_type \"%.*s\"", len, type),
 					 errdetail("An event type may only contain letters, digits, \"_\", \".\", \":\" and \"-\".")));
-		if (type[i] == '.' && (i == 0 || i == len - 1 || type[i - 1] == '.'))
+		if (routing_misplaced_dot(type, len, i))
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("invalid event_type \"%.*s\"", len, type),
@@ -116,18 +126,6 @@ EventboxLaneOfText(text *aggregate_type, text *aggregate_id, int64 id, int lanes
 						  id, lanes);
 }
 
-/* whether p[0..len) has two dots in a row */
-static bool
-routing_has_double_dot(const char *p, int len)
-{
-	int			i;
-
-	for (i = 1; i < len; i++)
-		if (p[i] == '.' && p[i - 1] == '.')
-			return true;
-	return false;
-}
-
 /*
  * eventbox._glob_regex(patterns text[]) checks a subscription's event type
  * patterns and returns one anchored regular expression matching any of
@@ -180,12 +178,6 @@ eventbox_glob_regex(PG_FUNCTION_ARGS)
 					 errdetail("A pattern has 1 to %d bytes.", EVENTBOX_MAX_TYPE_LEN)));
 		if (len == 1 && p[0] == '*')
 			PG_RETURN_NULL();
-		/* a literal dot where event types never have one */
-		if (p[0] == '.' || p[len - 1] == '.' || routing_has_double_dot(p, len))
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("invalid event type pattern \"%.*s\"", len, p),
-					 errdetail("No event type starts or ends with a dot or has two dots in a row, so the pattern could never match.")));
 
 		if (i > 0)
 			appendStringInfoChar(&re, '|');
@@ -198,7 +190,15 @@ eventbox_glob_regex(PG_FUNCTION_ARGS)
 			else if (c == '?')
 				appendStringInfoChar(&re, '.');
 			else if (c == '.')
+			{
+				/* a literal dot where event types never have one */
+				if (routing_misplaced_dot(p, len, j))
+					ereport(ERROR,
+							(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+							 errmsg("invalid event type pattern \"%.*s\"", len, p),
+							 errdetail("No event type starts or ends with a dot or has two dots in a row, so the pattern could never match.")));
 				appendStringInfoString(&re, "\\.");
+			}
 			else if (routing_is_type_char(c))
 				appendStringInfoChar(&re, c);
 			else
