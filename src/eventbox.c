@@ -480,6 +480,13 @@ EventboxRandomBytes(void *buf, size_t len)
 	}
 }
 
+/* interval_text: val as interval_out writes it, for error messages */
+static char *
+interval_text(const Interval *val)
+{
+	return DatumGetCString(DirectFunctionCall1(interval_out, IntervalPGetDatum(val)));
+}
+
 /*
  * EventboxCheckInterval raises the error for an interval argument (lease,
  * backoff, retry_in, ...) that is NULL, negative in any of its parts, zero
@@ -497,21 +504,20 @@ void
 EventboxCheckInterval(const char *what, const Interval *val, bool allow_zero)
 {
 	double		days;
+	bool		negative_part;
 
 	if (val == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("%s must not be null", what)));
-	if (val->month < 0 || val->day < 0 || val->time < 0 ||
+	negative_part = val->month < 0 || val->day < 0 || val->time < 0;
+	if (negative_part ||
 		(!allow_zero && val->month == 0 && val->day == 0 && val->time == 0))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("%s must be %s, got %s", what,
-						allow_zero ? "zero or positive" : "positive",
-						DatumGetCString(DirectFunctionCall1(interval_out,
-															IntervalPGetDatum(val)))),
-				 (val->month < 0 || val->day < 0 || val->time < 0) &&
-				 (val->month > 0 || val->day > 0 || val->time > 0) ?
+						allow_zero ? "zero or positive" : "positive", interval_text(val)),
+				 negative_part && (val->month > 0 || val->day > 0 || val->time > 0) ?
 				 errdetail("None of its months, days and time may be negative.") : 0));
 	/* as interval comparison reckons: a month is 30 days, a year 360 */
 	days = val->month * (double) DAYS_PER_MONTH + val->day +
@@ -520,9 +526,7 @@ EventboxCheckInterval(const char *what, const Interval *val, bool allow_zero)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("%s must be at most %d years, got %s", what,
-						EVENTBOX_MAX_INTERVAL_YEARS,
-						DatumGetCString(DirectFunctionCall1(interval_out,
-															IntervalPGetDatum(val))))));
+						EVENTBOX_MAX_INTERVAL_YEARS, interval_text(val))));
 }
 
 /*
