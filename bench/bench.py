@@ -937,6 +937,10 @@ def steady_system(dsn, system, rate, start_at, dur, mpq, cpus):
     errors = []
     pub_times = []       # commit times
     recv = []            # (receive time, latency s)
+    # where the latency goes: (end time, duration s) of each publishing
+    # transaction, of each consumer round that got events (claim or
+    # fetch, ack, commit) and of each idle sleep beyond its 10 ms
+    pub_durs, cycle_durs, oversleeps = [], [], []
     lock = threading.Lock()
     done = threading.Event()
     backends = []
@@ -974,8 +978,10 @@ def steady_system(dsn, system, rate, start_at, dur, mpq, cpus):
                     cur.execute("SELECT eventbox.publish('order.created', %s, 'order', %s)",
                                 (payload, str(oid)))
                 conn.commit()
+                now = time.time()
                 with lock:
-                    pub_times.append(time.time())
+                    pub_times.append(now)
+                    pub_durs.append((now, now - t))
                 k += 1
             conn.close()
         except Exception as e:
@@ -991,6 +997,7 @@ def steady_system(dsn, system, rate, start_at, dur, mpq, cpus):
             idle_since = None
             while True:
                 got = []
+                t0 = time.time()
                 if system == "outbox":
                     cur.execute("WITH c AS (SELECT id FROM event_outbox WHERE status='pending'"
                                 " ORDER BY id LIMIT 1000 FOR UPDATE SKIP LOCKED)"
@@ -1022,6 +1029,7 @@ def steady_system(dsn, system, rate, start_at, dur, mpq, cpus):
                     with lock:
                         for p in got:
                             recv.append((t, t - p["t"]))
+                        cycle_durs.append((t, t - t0))
                     idle_since = None
                     continue
                 if done.is_set():
@@ -1031,7 +1039,11 @@ def steady_system(dsn, system, rate, start_at, dur, mpq, cpus):
                     # PgQ needs a tick (up to ticker_max_lag 3 s + pgqd period)
                     if caught_up or time.time() - idle_since > 15:
                         break
+                t0 = time.time()
                 time.sleep(0.01)
+                t = time.time()
+                with lock:
+                    oversleeps.append((t, t - t0 - 0.01))
             conn.close()
         except Exception as e:
             errors.append("consumer: %r" % e)
@@ -1053,10 +1065,16 @@ def steady_system(dsn, system, rate, start_at, dur, mpq, cpus):
     def window(a, b):
         lat = sorted(l for (t, l) in recv if a <= t < b)
         pubn = sum(1 for t in pub_times if a <= t < b)
+
+        def p99_ms(pairs):
+            v = sorted(d for (t, d) in pairs if a <= t < b)
+            return pct(v, 0.99) * 1000 if v else None
         return {"published_per_s": pubn / (b - a), "consumed_per_s": len(lat) / (b - a),
                 "p50_ms": pct(lat, 0.5) * 1000 if lat else None,
                 "p99_ms": pct(lat, 0.99) * 1000 if lat else None,
-                "max_ms": lat[-1] * 1000 if lat else None}
+                "max_ms": lat[-1] * 1000 if lat else None,
+                "pub_p99_ms": p99_ms(pub_durs), "cycle_p99_ms": p99_ms(cycle_durs),
+                "oversleep_p99_ms": p99_ms(oversleeps)}
     w = p4_window(dur)
     minutes = [window(start_at + k * w, start_at + (k + 1) * w) for k in range(int(dur // w))]
     mpq.put({"system": system, "published": len(pub_times), "consumed": len(recv),
@@ -1444,6 +1462,18 @@ def report(b, res, p4):
     L.append("")
     for s in ("outbox", "pgq", "eventbox"):
         L.append("- %s: %s" % (s, ", ".join(fmt(m["p99_ms"], 1) for m in st[s].get("minutes", []))))
+    L.append("")
+    L.append("Where the latency goes, p99 (ms) of each part in each %d s window: the publishing "
+             "transaction (INSERT, publish, COMMIT, from the client), the consumer's rounds that got "
+             "events (claim or fetch, ack, COMMIT), and how much longer than 10 ms the consumer's "
+             "idle sleeps took (the scheduler's delay in waking it):" % w)
+    L.append("")
+    for s in ("outbox", "pgq", "eventbox"):
+        ms = st[s].get("minutes", [])
+        for key, what in (("pub_p99_ms", "publishing transaction"), ("cycle_p99_ms", "consumer round"),
+                          ("oversleep_p99_ms", "sleep overshoot")):
+            if ms and key in ms[0]:
+                L.append("- %s, %s: %s" % (s, what, ", ".join(fmt(m[key], 2) for m in ms)))
     L.append("")
     L.append("CPU used, in seconds per second, in the first and the last window: the system's "
              "client process (publishers and consumer threads), its backends, and the processes "
