@@ -867,9 +867,11 @@ def p4_window(dur):
 
 
 def cpu_moments(start_at, dur):
-    """When P4 samples CPU time: the edges of its first and last window."""
+    """When P4 samples CPU time: the edges of its first and last window,
+    the last a second before the end, while every connection is still
+    open (a process that is gone by a sample is left out of that window)."""
     w = p4_window(dur)
-    return [start_at, start_at + w, start_at + dur - w, start_at + dur]
+    return [start_at, start_at + w, start_at + dur - w, start_at + dur - 1]
 
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -885,33 +887,87 @@ def proc_cpu(pid):
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def thread_waits(pid):
+    """Per thread of a process: seconds it has spent runnable but waiting
+    for a CPU so far (the second field of /proc/PID/task/TID/schedstat)."""
+    out = {}
+    try:
+        tasks = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return out
+    for t in tasks:
+        try:
+            with open("/proc/%d/task/%s/schedstat" % (pid, t)) as f:
+                out[int(t)] = int(f.read().split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
+def proc_wait(pid):
+    """The same for a whole process (None when it is gone)."""
+    w = thread_waits(pid)
+    return sum(w.values()) if w else None
+
+
+def cpus_busy():
+    """Per CPU: (busy, all) clock ticks so far, from /proc/stat."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            k = line.split()
+            if k[0].startswith("cpu") and k[0] != "cpu":
+                v = [int(x) for x in k[1:]]
+                out[k[0][3:]] = (sum(v) - v[3] - v[4], sum(v))
+    return out
+
+
 def cpu_sampler(pids, moments, out, own=False):
-    """Append, at each moment, the CPU seconds of `pids` (a list that may
-    still grow) and, with own, of this process."""
+    """Append, at each moment, the CPU seconds and the run-queue wait of
+    `pids` (a list that may still grow) and, with own, of this process and
+    how busy each CPU has been."""
     for m in moments:
         time.sleep(max(0, m - time.time()))
-        smp = {"when": time.time(), "procs": {p: proc_cpu(p) for p in list(pids)}}
+        ps = list(pids)
+        smp = {"when": time.time(), "procs": {p: proc_cpu(p) for p in ps},
+               "waits": {p: proc_wait(p) for p in ps}}
         if own:
             t = os.times()
             smp["client"] = t.user + t.system
+            smp["client_waits"] = thread_waits(os.getpid())
+            smp["cpus"] = cpus_busy()
         out.append(smp)
 
 
-def cpu_rate(samples, a, b, key=None):
+def cpu_rate(samples, a, b, key=None, per="procs"):
     """CPU seconds per second between samples a and b: of the processes
-    present and alive at both, or of the client itself (key 'client')."""
+    present and alive at both, or of the client itself (key 'client').
+    With per="waits" (or "client_waits", the client's threads), seconds
+    per second spent waiting for a CPU instead."""
     if len(samples) <= b:
         return None
     sa, sb = samples[a], samples[b]
     if key:
+        if sa.get(key) is None or sb.get(key) is None:
+            return None
         used = sb[key] - sa[key]
     else:
-        both = [p for p in sa["procs"] if sa["procs"][p] is not None
-                and sb["procs"].get(p) is not None]
+        if per not in sa:
+            return None
+        both = [p for p in sa[per] if sa[per][p] is not None
+                and sb[per].get(p) is not None]
         if not both:
             return None
-        used = sum(sb["procs"][p] - sa["procs"][p] for p in both)
+        used = sum(sb[per][p] - sa[per][p] for p in both)
     return used / (sb["when"] - sa["when"])
+
+
+def cpu_busy(samples, a, b, cpu):
+    """How busy one CPU was between samples a and b (0 to 1)."""
+    if len(samples) <= b or "cpus" not in samples[a]:
+        return None
+    (ba, ta), (bb, tb) = samples[a]["cpus"].get(cpu, (0, 0)), samples[b]["cpus"].get(cpu, (0, 0))
+    return (bb - ba) / (tb - ta) if tb > ta else None
 
 
 def p4_connect(dsn, name, cpus, backends):
@@ -1490,6 +1546,27 @@ def report(b, res, p4):
             fmt(bf, 2), fmt(bl, 2), ratio(bl, bf),
             fmt(cpu_rate(h, 0, 1), 2) if h else "—", fmt(cpu_rate(h, 2, 3), 2) if h else "—"))
     L.append("")
+    ec = st["eventbox"].get("cpu", [])
+    if ec and "cpus" in ec[0]:
+        L.append("Waiting for a CPU: seconds per second that the same processes spent runnable but "
+                 "not running (the run-queue time of /proc/PID/task/*/schedstat), in the first and "
+                 "the last window; a latency that grows while CPU use stays flat and this grows was "
+                 "queueing for a CPU. How busy each CPU was: %s."
+                 % "; ".join("CPU %s %s first, %s last" % (c, fmt(cpu_busy(ec, 0, 1, c), 2),
+                                                           fmt(cpu_busy(ec, 2, 3, c), 2))
+                             for c in sorted(ec[0]["cpus"], key=int)))
+        L.append("")
+        L.append("| system | client first | client last | backends first | backends last | serving first | serving last |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|")
+        for s in ("floor", "outbox", "pgq", "eventbox"):
+            c = st[s].get("cpu", [])
+            h = st[s].get("helper_cpu", [])
+            L.append("| %s | %s | %s | %s | %s | %s | %s |" % (
+                s, fmt(cpu_rate(c, 0, 1, per="client_waits"), 3), fmt(cpu_rate(c, 2, 3, per="client_waits"), 3),
+                fmt(cpu_rate(c, 0, 1, per="waits"), 3), fmt(cpu_rate(c, 2, 3, per="waits"), 3),
+                fmt(cpu_rate(h, 0, 1, per="waits"), 3) if h else "—",
+                fmt(cpu_rate(h, 2, 3, per="waits"), 3) if h else "—"))
+        L.append("")
     av = ph.get("autovacuum")
     if av is not None:
         L.append("Autovacuum during P4 (server log, log_autovacuum_min_duration = 0; runs, CPU s, "
