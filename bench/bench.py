@@ -1535,16 +1535,25 @@ def report(b, res, p4):
              "client process (publishers and consumer threads), its backends, and the processes "
              "serving it (eventbox: the worker; PgQ: pgqd and its backend):")
     L.append("")
-    L.append("| system | client first | client last | backends first | backends last | backends last/first | serving first | serving last |")
-    L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+    # one pass over the systems for both tables: CPU used, and CPU waited for
+    used, waited = [], []
     for s in ("floor", "outbox", "pgq", "eventbox"):
         c = st[s].get("cpu", [])
         h = st[s].get("helper_cpu", [])
         bf, bl = cpu_rate(c, 0, 1), cpu_rate(c, 2, 3)
-        L.append("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
+        used.append("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
             s, fmt(cpu_rate(c, 0, 1, "client"), 2), fmt(cpu_rate(c, 2, 3, "client"), 2),
             fmt(bf, 2), fmt(bl, 2), ratio(bl, bf),
             fmt(cpu_rate(h, 0, 1), 2) if h else "—", fmt(cpu_rate(h, 2, 3), 2) if h else "—"))
+        waited.append("| %s | %s | %s | %s | %s | %s | %s |" % (
+            s, fmt(cpu_rate(c, 0, 1, per="client_waits"), 3),
+            fmt(cpu_rate(c, 2, 3, per="client_waits"), 3),
+            fmt(cpu_rate(c, 0, 1, per="waits"), 3), fmt(cpu_rate(c, 2, 3, per="waits"), 3),
+            fmt(cpu_rate(h, 0, 1, per="waits"), 3) if h else "—",
+            fmt(cpu_rate(h, 2, 3, per="waits"), 3) if h else "—"))
+    L.append("| system | client first | client last | backends first | backends last | backends last/first | serving first | serving last |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+    L.extend(used)
     L.append("")
     ec = st["eventbox"].get("cpu", [])
     if ec and "cpus" in ec[0]:
@@ -1558,14 +1567,7 @@ def report(b, res, p4):
         L.append("")
         L.append("| system | client first | client last | backends first | backends last | serving first | serving last |")
         L.append("|---|---:|---:|---:|---:|---:|---:|")
-        for s in ("floor", "outbox", "pgq", "eventbox"):
-            c = st[s].get("cpu", [])
-            h = st[s].get("helper_cpu", [])
-            L.append("| %s | %s | %s | %s | %s | %s | %s |" % (
-                s, fmt(cpu_rate(c, 0, 1, per="client_waits"), 3), fmt(cpu_rate(c, 2, 3, per="client_waits"), 3),
-                fmt(cpu_rate(c, 0, 1, per="waits"), 3), fmt(cpu_rate(c, 2, 3, per="waits"), 3),
-                fmt(cpu_rate(h, 0, 1, per="waits"), 3) if h else "—",
-                fmt(cpu_rate(h, 2, 3, per="waits"), 3) if h else "—"))
+        L.extend(waited)
         L.append("")
     av = ph.get("autovacuum")
     if av is not None:
