@@ -182,3 +182,35 @@ FROM (VALUES
 	(5, interval '0', interval '0', interval '0')
 ) a(attempt, base, cap, low)
 CROSS JOIN LATERAL eventbox._backoff(a.attempt, a.base, a.cap) b;
+
+-- A claim finds and leases due retries through plans that stay good
+-- whatever the statistics were when the backend settled on its generic
+-- plans.  With 10,000 retries not yet due and one due, a claim read all of
+-- them: as one UPDATE joined with the query picking the due rows, the
+-- generic plan hashed every retry row of the subscription against them.
+-- Counted in rows read, not timed.
+SELECT eventbox.subscribe('t07_many', '{t07m.*}', max_attempts => 100,
+						  backoff_base => '1 hour', backoff_max => '1 hour') IS NOT NULL AS subscribed;
+SELECT count(*) FROM eventbox.publish_batch((SELECT jsonb_agg(jsonb_build_object('event_type', 't07m.x'))
+											FROM generate_series(1, 10001)));
+SELECT count(*) FROM eventbox.claim_batch(10000, 't07_many', '1 millisecond');
+SELECT pg_sleep(0.01);
+-- this claim expires that lease (10,000 retries, due in an hour) and takes
+-- the last event, which is failed to be retried at once
+SELECT eventbox.nack(id, 'boom', '0', 't07_many') FROM eventbox.claim_batch(1, 't07_many');
+SELECT count(*) AS retries, count(*) FILTER (WHERE next_attempt_at <= now()) AS due
+FROM eventbox.retries r JOIN eventbox.subscriptions s USING (sub_id) WHERE s.name = 't07_many';
+ANALYZE eventbox.retries;
+-- the plans a backend settles on after a few claims, whatever their sizes
+SET plan_cache_mode = force_generic_plan;
+BEGIN;
+-- what this backend read before (counts not yet sent to the statistics
+-- system, from earlier transactions too)
+SELECT seq_tup_read + idx_tup_fetch AS read_before
+FROM pg_stat_xact_user_tables WHERE relid = 'eventbox.retries'::regclass \gset
+SELECT eventbox.ack(id, 't07_many') FROM eventbox.claim_batch(10, 't07_many');
+SELECT seq_tup_read + idx_tup_fetch - :read_before < 100 AS read_few
+FROM pg_stat_xact_user_tables WHERE relid = 'eventbox.retries'::regclass;
+COMMIT;
+RESET plan_cache_mode;
+SELECT eventbox.unsubscribe('t07_many');

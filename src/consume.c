@@ -135,7 +135,7 @@ static SPIPlanPtr plan_peek = NULL;
 static SPIPlanPtr plan_peek_tid = NULL;
 static SPIPlanPtr plan_idle = NULL;
 static SPIPlanPtr plan_busy = NULL;
-static SPIPlanPtr plan_retry_any = NULL;
+static SPIPlanPtr plan_retry_pick = NULL;
 static SPIPlanPtr plan_retry_due = NULL;
 static SPIPlanPtr plan_retry_lane = NULL;
 static SPIPlanPtr plan_retry_take = NULL;
@@ -437,48 +437,66 @@ claim_retries_unordered(ClaimState *st)
 	Datum		arg;
 	Datum	   *elems;
 
-	if (plan_retry_any == NULL)
+	/*
+	 * Three statements whose plans stay good whatever the table's
+	 * statistics were when a backend settled on its generic plans: the
+	 * subscription's earliest retry through (sub_id, next_attempt_at),
+	 * which tells whether anything is due (usually nothing is, and one
+	 * index probe is much cheaper to start than the locking statements);
+	 * the due rows in that order, locked; then those rows by key.  Written
+	 * as one UPDATE joined with the picking subquery, the generic plan
+	 * guessed a tenth of the due rows for LIMIT $2 and hashed every retry
+	 * row of the subscription against them: a claim of the one due retry
+	 * among 90,000 retry rows spent 16-22 ms in that statement.
+	 */
+	if (plan_retry_due == NULL)
+	{
+		Oid			types[1] = {INT4OID};
+
+		plan_retry_due = EventboxPreparePlan(
+											 "SELECT next_attempt_at FROM eventbox.retries"
+											 " WHERE sub_id = $1 ORDER BY next_attempt_at LIMIT 1",
+											 1, types);
+	}
+	if (plan_retry_pick == NULL)
 	{
 		Oid			types[3] = {INT4OID, INT4OID, TIMESTAMPTZOID};
 
-		plan_retry_any = EventboxPreparePlan(
-											 "UPDATE eventbox.retries r SET next_attempt_at = 'infinity',"
-											 " attempts = r.attempts + 1, updated_at = $3"
-											 " FROM (SELECT id FROM eventbox.retries"
-											 "       WHERE sub_id = $1 AND next_attempt_at <= $3"
-											 "       ORDER BY next_attempt_at, id LIMIT $2"
-											 "       FOR UPDATE SKIP LOCKED) d"
-											 " WHERE r.sub_id = $1 AND r.id = d.id"
-											 " RETURNING r.id, r.attempts",
-											 3, types);
+		plan_retry_pick = EventboxPreparePlan(
+											  "SELECT id FROM eventbox.retries"
+											  " WHERE sub_id = $1 AND next_attempt_at <= $3"
+											  " ORDER BY next_attempt_at, id LIMIT $2"
+											  " FOR UPDATE SKIP LOCKED",
+											  3, types);
 	}
 	values[0] = Int32GetDatum(st->sub->sub_id);
 	values[1] = Int32GetDatum(st->want);
 	values[2] = TimestampTzGetDatum(st->now);
 
-	/*
-	 * Usually nothing is due: one index probe is much cheaper to start than
-	 * the locking UPDATE.
-	 */
-	if (plan_retry_due == NULL)
+	EventboxExecPlan(plan_retry_due, values, NULL, SPI_OK_SELECT, "retry probe");
+	if (SPI_processed == 0)
+		return;
 	{
-		Oid			types[2] = {INT4OID, TIMESTAMPTZOID};
+		bool		isnull;
 
-		plan_retry_due = EventboxPreparePlan(
-											 "SELECT FROM eventbox.retries"
-											 " WHERE sub_id = $1 AND next_attempt_at <= $2 LIMIT 1",
-											 2, types);
-	}
-	{
-		Datum		probe[2];
-
-		probe[0] = values[0];
-		probe[1] = values[2];
-		EventboxExecPlan(plan_retry_due, probe, NULL, SPI_OK_SELECT, "retry probe");
-		if (SPI_processed == 0)
+		if (DatumGetTimestampTz(consume_col(0, 1, &isnull)) > st->now)
 			return;
 	}
-	EventboxExecPlan(plan_retry_any, values, NULL, SPI_OK_UPDATE_RETURNING, "retry lease");
+
+	EventboxExecPlan(plan_retry_pick, values, NULL, SPI_OK_SELECT, "retry pick");
+	n = (int) SPI_processed;
+	if (n == 0)
+		return;
+	elems = palloc(sizeof(Datum) * n);
+	for (i = 0; i < n; i++)
+	{
+		bool		isnull;
+
+		elems[i] = consume_col(i, 1, &isnull);
+	}
+	arr = construct_array(elems, n, INT8OID, 8, true, TYPALIGN_DOUBLE);
+	values[1] = PointerGetDatum(arr);
+	EventboxExecPlan(plan_retry_take, values, NULL, SPI_OK_UPDATE_RETURNING, "retry lease");
 	n = (int) SPI_processed;
 	if (n == 0)
 		return;
