@@ -422,6 +422,59 @@ claim_fetch_events(ClaimState *st, Datum ids, int expected)
 }
 
 /*
+ * claim_take_retries leases the retries of the given event ids (an int8[]
+ * of n ids the caller has picked: due, and not leased by anyone else), then
+ * emits their events with the attempt each is on.
+ */
+static void
+claim_take_retries(ClaimState *st, Datum *ids, int n)
+{
+	Datum		values[3];
+	int64	   *rids;
+	int32	   *attempts;
+	Datum	   *elems;
+	int			i;
+
+	values[0] = Int32GetDatum(st->sub->sub_id);
+	values[1] = PointerGetDatum(construct_array(ids, n, INT8OID, 8, true,
+												TYPALIGN_DOUBLE));
+	values[2] = TimestampTzGetDatum(st->now);
+	EventboxExecPlan(plan_retry_take, values, NULL, SPI_OK_UPDATE_RETURNING, "retry lease");
+	n = (int) SPI_processed;
+	if (n == 0)
+		return;
+
+	rids = palloc(sizeof(int64) * n);
+	attempts = palloc(sizeof(int32) * n);
+	elems = palloc(sizeof(Datum) * n);
+	for (i = 0; i < n; i++)
+	{
+		bool		isnull;
+
+		rids[i] = DatumGetInt64(consume_col(i, 1, &isnull));
+		attempts[i] = DatumGetInt32(consume_col(i, 2, &isnull));
+		elems[i] = Int64GetDatum(rids[i]);
+	}
+
+	claim_fetch_events(st,
+					   PointerGetDatum(construct_array(elems, n, INT8OID, 8, true,
+													   TYPALIGN_DOUBLE)),
+					   n);
+	for (i = 0; i < (int) SPI_processed; i++)
+	{
+		bool		isnull;
+		int64		id = DatumGetInt64(consume_col(i, LC_ID, &isnull));
+		int			j;
+
+		for (j = 0; j < n; j++)
+			if (rids[j] == id)
+				break;
+		claim_emit(st, i, j < n ? attempts[j] : 1);
+		st->retry_count++;
+	}
+}
+
+/*
  * claim_retries_unordered leases due retries of an unordered subscription,
  * oldest due first, skipping rows other claims hold.
  */
@@ -429,12 +482,8 @@ static void
 claim_retries_unordered(ClaimState *st)
 {
 	Datum		values[3];
-	int64	   *rids;
-	int32	   *attempts;
 	int			n;
 	int			i;
-	ArrayType  *arr;
-	Datum		arg;
 	Datum	   *elems;
 
 	/*
@@ -494,40 +543,7 @@ claim_retries_unordered(ClaimState *st)
 
 		elems[i] = consume_col(i, 1, &isnull);
 	}
-	arr = construct_array(elems, n, INT8OID, 8, true, TYPALIGN_DOUBLE);
-	values[1] = PointerGetDatum(arr);
-	EventboxExecPlan(plan_retry_take, values, NULL, SPI_OK_UPDATE_RETURNING, "retry lease");
-	n = (int) SPI_processed;
-	if (n == 0)
-		return;
-
-	rids = palloc(sizeof(int64) * n);
-	attempts = palloc(sizeof(int32) * n);
-	elems = palloc(sizeof(Datum) * n);
-	for (i = 0; i < n; i++)
-	{
-		bool		isnull;
-
-		rids[i] = DatumGetInt64(consume_col(i, 1, &isnull));
-		attempts[i] = DatumGetInt32(consume_col(i, 2, &isnull));
-		elems[i] = Int64GetDatum(rids[i]);
-	}
-
-	arr = construct_array(elems, n, INT8OID, 8, true, TYPALIGN_DOUBLE);
-	arg = PointerGetDatum(arr);
-	claim_fetch_events(st, arg, n);
-	for (i = 0; i < (int) SPI_processed; i++)
-	{
-		bool		isnull;
-		int64		id = DatumGetInt64(consume_col(i, LC_ID, &isnull));
-		int			j;
-
-		for (j = 0; j < n; j++)
-			if (rids[j] == id)
-				break;
-		claim_emit(st, i, j < n ? attempts[j] : 1);
-		st->retry_count++;
-	}
+	claim_take_retries(st, elems, n);
 }
 
 /*
@@ -544,9 +560,6 @@ claim_retries_lane(ClaimState *st, int lane)
 	int			take = 0;
 	Datum	   *elems;
 	int			i;
-	ArrayType  *arr;
-	int64	   *rids;
-	int32	   *attempts;
 
 	values[0] = Int32GetDatum(st->sub->sub_id);
 	values[1] = Int32GetDatum(lane);
@@ -568,33 +581,7 @@ claim_retries_lane(ClaimState *st, int lane)
 	if (take == 0)
 		return true;
 
-	arr = construct_array(elems, take, INT8OID, 8, true, TYPALIGN_DOUBLE);
-	values[1] = PointerGetDatum(arr);
-	EventboxExecPlan(plan_retry_take, values, NULL, SPI_OK_UPDATE_RETURNING, "retry lease");
-
-	rids = palloc(sizeof(int64) * take);
-	attempts = palloc(sizeof(int32) * take);
-	for (i = 0; i < (int) SPI_processed; i++)
-	{
-		bool		isnull;
-
-		rids[i] = DatumGetInt64(consume_col(i, 1, &isnull));
-		attempts[i] = DatumGetInt32(consume_col(i, 2, &isnull));
-	}
-
-	claim_fetch_events(st, PointerGetDatum(arr), take);
-	for (i = 0; i < (int) SPI_processed; i++)
-	{
-		bool		isnull;
-		int64		id = DatumGetInt64(consume_col(i, LC_ID, &isnull));
-		int			j;
-
-		for (j = 0; j < take; j++)
-			if (rids[j] == id)
-				break;
-		claim_emit(st, i, j < take ? attempts[j] : 1);
-		st->retry_count++;
-	}
+	claim_take_retries(st, elems, take);
 	return take < n;
 }
 
